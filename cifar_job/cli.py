@@ -1,0 +1,210 @@
+"""The `cifar-job` command line. torch and Lightning are imported only inside commands, so
+`--help` answers at once; library errors become one-line messages with exit codes
+(2: bad input, 1: the environment or the files)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from cifar_job import CifarJobError, __version__
+from cifar_job.config import TrainConfig, dashed, load_config_file
+
+FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
+
+
+class Cli(click.Group):
+    """A click group that turns library errors into clear messages instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CifarJobError as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:
+            raise click.UsageError(str(e), ctx) from None
+        except (FileNotFoundError, PermissionError) as e:
+            raise click.ClickException(f"{e.filename}: {e.strerror}") from None
+        except Exception as e:
+            # Lightning's own checks of accelerator, devices, strategy and precision.
+            if type(e).__name__ == "MisconfigurationException":
+                raise click.UsageError(str(e), ctx) from None
+            raise
+
+
+def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: its values become the defaults, so the command line still wins."""
+    if value:
+        try:
+            values = load_config_file(value)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown := sorted(set(values) - known):
+            raise click.BadParameter(f"unknown keys: {', '.join(unknown)}", ctx, param)
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per TrainConfig field, with its default, help and choices."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        help_text, choices = f.metadata["help"], f.metadata["choices"]
+        if f.type == "bool":
+            decl = f"--{dashed(f.name)}/--no-{dashed(f.name)}"
+            command = click.option(decl, default=f.default, show_default=True, help=help_text)(
+                command
+            )
+            continue
+        kind = click.Choice(choices) if choices else FIELD_TYPES[str(f.type)]
+        command = click.option(
+            f"--{dashed(f.name)}",
+            f.name,
+            type=kind,
+            default=f.default,
+            show_default=True,
+            help=help_text,
+        )(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config,
+        help="YAML or JSON file of option values; the command line wins.",
+    )(command)
+
+
+@click.group(
+    cls=Cli, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
+)
+@click.version_option(__version__, prog_name="cifar-job")
+def main() -> None:
+    """Train, evaluate and use ResNets on CIFAR-10, on a workstation or a Slurm cluster.
+
+    \b
+    First fetch the data (on a machine with internet), then train:
+      cifar-job download --data-dir data
+      cifar-job train --data-dir data --run-dir runs/r34
+    Rerunning the same train command resumes from the run directory's last checkpoint.
+    """
+
+
+@main.command()
+@config_options
+@click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
+def train(print_config: bool, **values: Any) -> None:
+    """Train a model, resuming from --run-dir if it holds a checkpoint, then test it.
+
+    Writes checkpoints, logs/metrics.csv, config.json, manifest.json and, at the end,
+    results.json (test/acc, test/acc_top5, test/loss) into the run directory.
+    """
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    if print_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return
+    from cifar_job.train import run
+
+    results = run(cfg)
+    if results is None:  # a rank other than 0 under DDP: rank 0 reports
+        return
+    if results.get("already_finished"):
+        click.echo(f"Run {cfg.run_dir} already finished {cfg.max_epochs} epochs; nothing to do.")
+    click.echo(
+        f"test/acc {results['test/acc']:.4f}  test/acc_top5 {results['test/acc_top5']:.4f}  "
+        f"test/loss {results['test/loss']:.4f}"
+    )
+    if not cfg.fast_dev_run:
+        click.echo(f"results: {cfg.run_dir}/results.json  checkpoint: {results['best_checkpoint']}")
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint to evaluate.")
+@click.option("--data-dir", default=None, help="CIFAR-10 directory. [default: the run's own]")
+@click.option("--accelerator", default="auto", help="cpu, gpu or auto.")
+@click.option("--batch-size", default=256, type=click.IntRange(min=1), help="Batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+def test(ckpt: str, data_dir: str | None, accelerator: str, batch_size: int, as_json: bool) -> None:
+    """Evaluate a checkpoint on the test set (of the dataset it was trained on)."""
+    from cifar_job.inference import evaluate, load_checkpoint
+
+    data_dir = data_dir or load_checkpoint(ckpt)[1].data_dir
+    metrics = evaluate(ckpt, data_dir, accelerator, batch_size)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        click.echo("  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+
+
+@main.command()
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint to classify with.")
+@click.option("--top-k", default=3, type=click.IntRange(1, 10), help="Classes to show per image.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image, per line.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+def predict(ckpt: str, top_k: int, as_json: bool, images: tuple[str, ...]) -> None:
+    """Classify PNG or JPEG images (any size; resized to 32x32)."""
+    import torch
+
+    from cifar_job.inference import load_checkpoint, load_image, predict
+
+    net, _ = load_checkpoint(ckpt)
+    batch = torch.stack([load_image(p) for p in images])
+    for path, top in zip(images, predict(net, batch, top_k)):
+        if as_json:
+            click.echo(json.dumps({"image": path, "top": top}))
+        else:
+            ranked = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top)
+            click.echo(f"{path}: {ranked}")
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, help="Where to put the data.")
+@click.option("--url", default=None, help="Mirror URL (http, https or file://) of the archive.")
+@click.option("--md5", default=None, help="md5 of the archive at --url. [default: official]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def download(data_dir: str, url: str | None, md5: str | None, quiet: bool) -> None:
+    """Fetch, verify (md5) and extract cifar-10-python.tar.gz, then check every batch.
+
+    Run this where there is internet (a login node); compute nodes then train offline.
+    """
+    from cifar_job import data
+
+    if md5 is not None and (
+        len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5.lower())
+    ):
+        raise click.BadParameter("expected 32 hex digits", param_hint="--md5")
+    if url and url != data.CIFAR_URL and md5 is None:
+        raise click.UsageError("--url needs --md5: the official md5 fits only the official archive")
+    summary = data.download(
+        data_dir,
+        url or data.CIFAR_URL,
+        (md5 or data.CIFAR_MD5).lower(),
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    state = "already complete" if summary["already"] else "downloaded and verified"
+    click.echo(
+        f"{data_dir}: {state}: {summary['train']} training and {summary['test']} test "
+        f"images, {summary['classes']} classes"
+    )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="PNG to write. [default: RUN_DIR/curves.png]",
+)
+def plot(run_dir: str, out: str | None) -> None:
+    """Plot a run's learning curves and test confusion matrix to a PNG."""
+    from cifar_job.plot import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, out)}")

@@ -1,0 +1,97 @@
+"""Using a trained checkpoint: load it safely, evaluate it on the test set, classify images."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_job import CifarJobError
+from cifar_job.config import TrainConfig
+from cifar_job.data import CLASSES, normalize
+from cifar_job.model import build_network
+
+
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, TrainConfig]:
+    """The network and config stored in a checkpoint, loaded with weights_only=True.
+
+    A checkpoint from elsewhere is untrusted input: a full unpickle could run any code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CifarJobError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CifarJobError(f"{path} is not a readable cifar-job checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CifarJobError(f"{path} is not a cifar-job checkpoint (no state_dict and config)")
+    try:
+        cfg = TrainConfig.from_dict(dict(ckpt["hyper_parameters"]))
+    except (TypeError, ValueError) as e:
+        raise CifarJobError(f"{path} was not written by cifar-job ({e})") from None
+    net = build_network(cfg.arch, cfg.stem)
+    weights = {
+        k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
+    }
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CifarJobError(
+            f"{path}: its weights do not fit a {cfg.arch} with the {cfg.stem} stem "
+            f"({str(e).splitlines()[0]})"
+        ) from None
+    return net.eval(), cfg
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Any image Pillow reads, as a 3 x 32 x 32 uint8 tensor (resized, RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except FileNotFoundError:
+        raise CifarJobError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise CifarJobError(f"cannot read image {path}: {e}") from None
+    return data.view(32, 32, 3).permute(2, 0, 1).contiguous()
+
+
+@torch.inference_mode()
+def predict(
+    net: torch.nn.Module, images: torch.Tensor, top_k: int = 3
+) -> list[list[dict[str, Any]]]:
+    """Top-k classes with probabilities for each uint8 image of an N x 3 x 32 x 32 batch."""
+    probs = net(normalize(images)).softmax(dim=1)
+    values, indices = probs.topk(min(top_k, len(CLASSES)), dim=1)
+    return [
+        [{"class": CLASSES[i], "index": int(i), "prob": float(p)} for p, i in zip(ps, ix)]
+        for ps, ix in zip(values.tolist(), indices.tolist())
+    ]
+
+
+def evaluate(
+    ckpt_path: str | Path,
+    data_dir: str,
+    accelerator: str = "auto",
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """Test-set metrics of a checkpoint, on the data it was trained on (or another data_dir)."""
+    from cifar_job.module import CifarClassifier
+    from cifar_job.train import build_datamodule
+    from cifar_job.trainer import build_eval_trainer
+
+    net, cfg = load_checkpoint(ckpt_path)
+    cfg.data_dir, cfg.batch_size, cfg.pretrained, cfg.download = data_dir, batch_size, False, False
+    model = CifarClassifier(cfg.to_dict())
+    model.net = net
+    trainer = build_eval_trainer(accelerator, progress)
+    metrics = trainer.test(model, datamodule=build_datamodule(cfg), verbose=False)[0]
+    return {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,78 @@
+"""cifar-job plot: learning curves and the test confusion matrix of a run, as one PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from cifar_job import CifarJobError
+from cifar_job.data import CLASSES
+
+
+def metrics_files(run_dir: Path) -> list[Path]:
+    """The CSV logs of every start of a run, oldest first (logs/version_N/metrics.csv)."""
+    paths = (run_dir / "logs").glob("version_*/metrics.csv")
+    return sorted(paths, key=lambda p: int(p.parent.name.removeprefix("version_")))
+
+
+def read_epoch_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch (epoch, value) series by metric name; a later start overrides an epoch."""
+    paths = metrics_files(run_dir)
+    if not paths:
+        raise CifarJobError(f"{run_dir} has no logs/version_*/metrics.csv: is it a run directory?")
+    by_epoch: dict[str, dict[int, float]] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key in ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"):
+                    if row.get(key) and row.get("epoch"):
+                        by_epoch.setdefault(key, {})[int(row["epoch"]) + 1] = float(row[key])
+    return {key: sorted(values.items()) for key, values in by_epoch.items()}
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write <run_dir>/curves.png (or `out`) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    series = read_epoch_metrics(run_dir)
+    results_path = run_dir / "results.json"
+    confusion = None
+    if results_path.exists():
+        confusion = json.loads(results_path.read_text()).get("test/confusion")
+    panels = 3 if confusion else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
+    for ax, what in zip(axes, ("loss", "acc")):
+        for stage in ("train", "val"):
+            key = f"{stage}/{what}_epoch" if stage == "train" else f"{stage}/{what}"
+            if points := series.get(key):
+                ax.plot(*zip(*points), marker="o", label=stage)
+        ax.set(xlabel="epoch", ylabel=what, title=f"{'accuracy' if what == 'acc' else what}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if confusion:
+        ax = axes[2]
+        ax.imshow(confusion, cmap="Blues")
+        ax.set(
+            xticks=range(10),
+            yticks=range(10),
+            xlabel="predicted",
+            ylabel="true",
+            title="test confusion matrix",
+        )
+        ax.set_xticklabels(CLASSES, rotation=60, ha="right", fontsize=8)
+        ax.set_yticklabels(CLASSES, fontsize=8)
+        for i, row in enumerate(confusion):
+            for j, count in enumerate(row):
+                if count:
+                    ax.text(j, i, int(count), ha="center", va="center", fontsize=6)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,181 @@
+"""run(cfg): one training run, in the order it happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from cifar_job import CifarJobError, __version__
+from cifar_job.config import TrainConfig
+from cifar_job.data import CIFAR10DataModule
+from cifar_job.module import CifarClassifier
+from cifar_job.trainer import build_trainer, job_id
+
+RESULTS = "results.json"
+# What makes two runs incompatible: resuming one as the other would load the wrong weights.
+IDENTITY = ("arch", "stem", "dataset")
+
+
+def run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train (resuming from the run directory), test the best, write results.
+
+    Returns the test results on global rank 0, None on the other ranks.
+    """
+    cfg.validate()
+    run_dir = prepare_run_dir(cfg)
+    if (finished := finished_results(run_dir, cfg)) is not None:
+        return finished
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    model = CifarClassifier(cfg.to_dict())
+    trainer = build_trainer(cfg, run_dir)
+    resume_from = find_resume_checkpoint(run_dir)
+    if trainer.is_global_zero:
+        record_start(run_dir, resume_from)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    if trainer.interrupted:
+        raise CifarJobError("training was interrupted; rerun the same command to resume")
+    best = None if cfg.fast_dev_run else (trainer.checkpoint_callback.best_model_path or None)
+    metrics = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    results = {
+        **{k: float(v) for k, v in metrics.items()},
+        "test/confusion": model.test_confusion.compute().tolist(),
+        "max_epochs": cfg.max_epochs,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "best_checkpoint": best,
+    }
+    if not trainer.is_global_zero:
+        return None  # rank 0 writes and reports
+    if not cfg.fast_dev_run:
+        write_json(run_dir / RESULTS, results)
+        record_finish(run_dir, results)
+    return results
+
+
+def build_datamodule(cfg: TrainConfig) -> CIFAR10DataModule:
+    """The DataModule for cfg's dataset, split and batch size."""
+    return CIFAR10DataModule(
+        data_dir=cfg.data_dir,
+        dataset=cfg.dataset,
+        batch_size=cfg.batch_size,
+        val_size=cfg.val_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        download=cfg.download,
+        synthetic_size=cfg.synthetic_size,
+    )
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create (or reopen) the run directory, refusing one that holds a different run."""
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CifarJobError(f"--run-dir {run_dir} is a file; give a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CifarJobError(f"--run-dir {run_dir} cannot be written: {e.strerror}") from None
+    saved = run_dir / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        clash = [k for k in IDENTITY if k in old and old[k] != getattr(cfg, k)]
+        if clash:
+            raise CifarJobError(
+                f"{run_dir} holds a run with "
+                + ", ".join(f"{k}={old[k]}" for k in clash)
+                + "; use another --run-dir for a different model or dataset"
+            )
+    write_json(saved, cfg.to_dict())
+    return run_dir
+
+
+def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """The results of a run that already trained for cfg.max_epochs here, else None."""
+    path = run_dir / RESULTS
+    if cfg.fast_dev_run or not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    if results.get("max_epochs") != cfg.max_epochs:
+        return None  # asked for more (or fewer) epochs: train on from last.ckpt
+    return {**results, "already_finished": True}
+
+
+def find_resume_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint in run_dir that loads; corrupt ones are skipped with a warning."""
+    candidates = sorted(run_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if "state_dict" in ckpt and "loops" in ckpt:
+                return str(path)
+        except Exception as e:  # a truncated file raises whatever the unpickler hits first
+            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+            continue
+    return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _manifest(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "manifest.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"version": __version__, "git_sha": git_sha(), "starts": []}
+
+
+def record_start(run_dir: Path, resume_from: str | None) -> None:
+    """Append this start (time, job id, checkpoint and step resumed from) to manifest.json."""
+    manifest = _manifest(run_dir)
+    step = None
+    if resume_from:
+        step = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True).get(
+            "global_step"
+        )
+    manifest["starts"].append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "job_id": job_id(),
+            "resumed_from": resume_from,
+            "step": step,
+        }
+    )
+    write_json(run_dir / "manifest.json", manifest)
+
+
+def record_finish(run_dir: Path, results: dict[str, Any]) -> None:
+    """Store the final metrics in manifest.json."""
+    manifest = _manifest(run_dir)
+    manifest["final"] = {k: v for k, v in results.items() if k != "test/confusion"}
+    write_json(run_dir / "manifest.json", manifest)
+
+
+def git_sha() -> str | None:
+    """The commit of the installed source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

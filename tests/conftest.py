@@ -1,0 +1,106 @@
+"""Shared fixtures: CIFAR-format archives made here (CIFAR-10 itself cannot be fetched
+offline), and a way to run the real `cifar-job` command in a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_job.data import CLASSES, make_synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+# Small and learnable: 5 train batches of 300 and a test batch of 200 images.
+TRAIN_PER_BATCH, N_TEST = 300, 200
+
+
+def batch_bytes(images: torch.Tensor, labels: list[int], name: str) -> bytes:
+    """One batch file in CIFAR-10's python format."""
+    return pickle.dumps(
+        {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": images.reshape(len(labels), 3072).numpy(),
+            b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+        }
+    )
+
+
+def make_archive(path: Path, batches: dict[str, bytes] | None = None) -> str:
+    """Write a cifar-10-python.tar.gz at path and return its md5."""
+    if batches is None:
+        images, labels = make_synthetic(5 * TRAIN_PER_BATCH, seed=7, split="train")
+        test_images, test_labels = make_synthetic(N_TEST, seed=7, split="test")
+        batches = {
+            f"data_batch_{i + 1}": batch_bytes(
+                images[i * TRAIN_PER_BATCH : (i + 1) * TRAIN_PER_BATCH],
+                labels[i * TRAIN_PER_BATCH : (i + 1) * TRAIN_PER_BATCH].tolist(),
+                f"batch {i}",
+            )
+            for i in range(5)
+        }
+        batches["test_batch"] = batch_bytes(test_images, test_labels.tolist(), "test")
+        batches["batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in CLASSES]})
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in batches.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A valid CIFAR-format archive and its md5."""
+    path = tmp_path_factory.mktemp("mirror") / "cifar-10-python.tar.gz"
+    return path, make_archive(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, archive: tuple[Path, str]) -> Path:
+    """A data directory filled by the real download path, from a file:// URL."""
+    root = tmp_path_factory.mktemp("data")
+    result = cifar_job(
+        "download", "--data-dir", str(root), "--url", archive[0].as_uri(), "--md5", archive[1]
+    )
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def cifar_job(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the real command line, as a user would, and capture what it prints."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_job", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# Fast settings for training on 2 CPU cores: torchvision's ImageNet stem is ~20x cheaper
+# than the CIFAR stem on 32x32 images (FACTS.md), and these runs only need to learn a little.
+FAST = [
+    "--arch",
+    "resnet18",
+    "--stem",
+    "imagenet",
+    "--num-workers",
+    "0",
+    "--lr",
+    "0.05",
+    "--log-every-n-steps",
+    "5",
+]

@@ -1,0 +1,100 @@
+"""The data path: batch augmentation, normalization, sharding and the split."""
+
+from __future__ import annotations
+
+import torch
+
+from cifar_job.data import (
+    MEAN,
+    STD,
+    CIFAR10DataModule,
+    ShardSampler,
+    augment,
+    make_synthetic,
+    normalize,
+)
+
+
+def test_crop_offsets_stay_within_the_padding():
+    # Channel 0 holds each pixel's row + 1, channel 1 its column + 1; padding is 0. So the
+    # centre pixel of a crop tells its offset, and a flip shows as a falling column ramp.
+    n = 2000
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0] = torch.arange(1, 33, dtype=torch.uint8)[:, None]
+    images[:, 1] = torch.arange(1, 33, dtype=torch.uint8)[None, :]
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    offsets = set()
+    for img in out:
+        cols = img[1, 16]
+        flipped = bool(cols[17] < cols[16])
+        if flipped:
+            img = img.flip(2)
+        assert (img[1, 16, 1:].int() - img[1, 16, :-1].int()).clamp(min=0).max() == 1
+        dy, dx = int(img[0, 16, 16]) - 17, int(img[1, 16, 16]) - 17
+        offsets.add((dy, dx))
+    assert all(-4 <= dy <= 4 and -4 <= dx <= 4 for dy, dx in offsets)
+    assert len(offsets) > 75  # nearly all 81 offsets occur in 2000 draws
+
+
+def test_flip_rate_is_near_one_half():
+    n = 4000
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[..., :, :16] = 255  # left half white
+    out = augment(images, torch.Generator().manual_seed(1), pad=0)
+    flipped = (out[:, 0, 16, 31] == 255).float().mean().item()
+    assert 0.46 < flipped < 0.54
+
+
+def test_normalization_matches_cifar_statistics():
+    images = (torch.tensor(MEAN) * 255).round().to(torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    assert normalize(images).abs().max() < 0.01
+    white = normalize(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
+    expected = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert torch.allclose(white[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_training_shards_are_disjoint_equal_and_reshuffled_per_epoch():
+    shards = [list(ShardSampler(103, rank, 2, shuffle=True, seed=3)) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 51
+    assert not set(shards[0]) & set(shards[1])
+    sampler = ShardSampler(103, 0, 2, shuffle=True, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) != shards[0]
+
+
+def test_eval_shards_cover_every_image_once():
+    shards = [list(ShardSampler(11, rank, 3, shuffle=False, seed=0)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11))
+
+
+def test_resumed_sampler_continues_with_the_unseen_indices():
+    full = list(ShardSampler(100, 0, 1, shuffle=True, seed=5))
+    resumed = ShardSampler(100, 0, 1, shuffle=True, seed=5)
+    resumed.skip = 30
+    assert list(resumed) == full[30:]
+    assert len(resumed) == 100  # Lightning counts the skipped batches as done
+
+
+def test_split_is_deterministic_by_seed_and_disjoint():
+    def split(seed):
+        dm = CIFAR10DataModule(dataset="synthetic", synthetic_size=500, val_size=50, seed=seed)
+        dm.setup("fit")
+        return dm.splits
+
+    a, b, c = split(1), split(1), split(2)
+    assert torch.equal(a["val"].images, b["val"].images)
+    assert not torch.equal(a["val"].images, c["val"].images)
+    assert len(a["train"]) == 450 and len(a["val"]) == 50
+
+
+def test_synthetic_classes_differ_and_train_and_test_share_them():
+    train_x, train_y = make_synthetic(2000, seed=0, split="train")
+    test_x, test_y = make_synthetic(500, seed=0, split="test")
+    assert train_x.dtype == torch.uint8 and train_x.shape == (2000, 3, 32, 32)
+    assert set(train_y.tolist()) == set(range(10))
+    # A nearest-class-mean classifier on the raw pixels already beats chance by far.
+    means = torch.stack([train_x[train_y == k].float().mean(0) for k in range(10)])
+    dists = ((test_x.float()[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    assert (dists.argmin(1) == test_y).float().mean() > 0.5
+    assert not torch.equal(train_x[:500], test_x)
