@@ -39,8 +39,9 @@ def load(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "e2e"
-    result = train(data_dir, run_dir, "--max-epochs", "3")
+    result = train(data_dir, run_dir, "--max-epochs", "3", "--tensorboard")
     assert result.returncode == 0, result.stderr
+    (run_dir / "stdout.txt").write_text(result.stdout)
     return run_dir
 
 
@@ -62,6 +63,35 @@ def test_train_writes_a_complete_run_directory(trained):
     assert any(r.get("train/loss_step") for r in rows) and any(
         r.get("train/acc_epoch") for r in rows
     )
+
+
+@pytest.mark.slow
+def test_batch_logs_get_plain_progress_lines_and_tensorboard_events(trained):
+    stdout = (trained / "stdout.txt").read_text()
+    assert f"epoch 1/3 step 5/{3 * STEPS_PER_EPOCH} loss" in stdout  # not a terminal: lines
+    assert "epoch 3/3 val/loss" in stdout
+    assert list((trained / "tensorboard").glob("version_0/events.out.tfevents.*"))
+
+
+def test_fast_dev_run_is_a_smoke_test_that_writes_no_results(tmp_path):
+    result = cifar_job(
+        "train",
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "200",
+        "--val-size",
+        "50",
+        "--fast-dev-run",
+        "--batch-size",
+        "16",
+        "--run-dir",
+        str(tmp_path / "r"),
+        *FAST,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test/acc " in result.stdout
+    assert not (tmp_path / "r" / "results.json").exists()
 
 
 @pytest.mark.slow
