@@ -11,7 +11,7 @@ CLI := $(VENV)/bin/cifar-job
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: help install demo test test-fast lint clean
+.PHONY: help install demo test test-fast lint cluster cluster-stop clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,15 +38,23 @@ demo: install ## Train, test, predict and plot on synthetic data, offline, on CP
 	$(CLI) predict --ckpt $(DEMO_DIR)/last.ckpt $(DEMO_DIR)/sample.png
 	$(CLI) plot $(DEMO_DIR)
 
-test: install lint ## Lint, then run the whole test suite
+test: install lint cluster ## Lint, start the test cluster, run the whole test suite
 	$(PY) -m pytest
 
 test-fast: install ## Only the tests that train nothing (seconds)
 	$(PY) -m pytest -m "not slow"
 
-lint: install ## ruff: lint and formatting
+lint: install ## ruff (lint, format) and shellcheck
 	$(VENV)/bin/ruff check cifar_job tests bench
 	$(VENV)/bin/ruff format --check cifar_job tests bench
+	$(VENV)/bin/shellcheck -x slurm/*.sh tests/cluster/*.sh
+
+cluster: ## Start the 2-node Slurm cluster the slurm tests use (needs root and apt)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then tests/cluster/start.sh; \
+	else echo "cluster: needs root and apt-get; the slurm tests will be skipped"; fi
+
+cluster-stop: ## Stop that cluster
+	tests/cluster/stop.sh
 
 clean: ## Remove the venv, caches and runs/
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -15,6 +15,9 @@ import click
 from cifar_job import CifarJobError, __version__
 from cifar_job.config import TrainConfig, dashed, load_config_file
 
+# trainer.REQUEUE_EXIT, repeated here so that the CLI need not import torch to know it.
+REQUEUE_EXIT = 75
+ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
 FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
 
 
@@ -25,6 +28,9 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except CifarJobError as e:
+            if type(e).__name__ == "Preempted":  # not an error: the launcher requeues on 75
+                click.echo(f"cifar-job: {e}", err=True)
+                ctx.exit(REQUEUE_EXIT)
             raise click.ClickException(str(e)) from None
         except ValueError as e:
             raise click.UsageError(str(e), ctx) from None
@@ -69,6 +75,9 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=f.default,
             show_default=True,
             help=help_text,
+            # The container image points these at its /data and /runs volumes.
+            envvar=ENV_DEFAULTS.get(f.name),
+            show_envvar=f.name in ENV_DEFAULTS,
         )(command)
     return click.option(
         "--config",
@@ -165,7 +174,13 @@ def predict(ckpt: str, top_k: int, as_json: bool, images: tuple[str, ...]) -> No
 
 
 @main.command()
-@click.option("--data-dir", default="data", show_default=True, help="Where to put the data.")
+@click.option(
+    "--data-dir",
+    default="data",
+    envvar="CIFAR_JOB_DATA_DIR",
+    show_envvar=True,
+    help="Where to put the data.",
+)
 @click.option("--url", default=None, help="Mirror URL (http, https or file://) of the archive.")
 @click.option("--md5", default=None, help="md5 of the archive at --url. [default: official]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -208,3 +223,173 @@ def plot(run_dir: str, out: str | None) -> None:
     from cifar_job.plot import plot_run
 
     click.echo(f"wrote {plot_run(run_dir, out)}")
+
+
+def _sbatch_pairs(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    pairs: dict[str, Any] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{value!r}: expected KEY=VALUE, e.g. exclusive=true", ctx, param
+            )
+        # A bare flag such as --exclusive: submitit writes True as the flag alone.
+        flag = val.lower() in ("true", "yes", "")
+        pairs[key.lstrip("-").replace("-", "_")] = True if flag else val
+    return pairs
+
+
+@main.command(context_settings={"show_default": True})
+@config_options
+@click.option(
+    "--nodes", default=1, type=click.IntRange(min=1), help="Nodes (the Trainer's --num-nodes)."
+)
+@click.option("--gpus-per-node", default=1, type=click.IntRange(min=0), help="GPUs per node.")
+@click.option(
+    "--tasks-per-node",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Tasks (ranks) per node. [default: one per GPU]",
+)
+@click.option("--cpus-per-task", default=8, type=click.IntRange(min=1), help="CPUs per task.")
+@click.option("--mem", default=None, help="Memory per node, e.g. 64G.")
+@click.option(
+    "--time", "time_limit", default="24:00:00", help="Time limit (HH:MM:SS, D-HH:MM:SS or minutes)."
+)
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--account", default=None, help="Slurm account.")
+@click.option("--qos", default=None, help="Slurm QOS.")
+@click.option("--constraint", default=None, help="Slurm node constraint.")
+@click.option("--container-image", default=None, help="Run in this image (pyxis/enroot).")
+@click.option(
+    "--max-requeues",
+    default=10,
+    type=click.IntRange(min=0),
+    help="Requeues after preemption or time limit before giving up.",
+)
+@click.option(
+    "--sbatch",
+    "extra",
+    multiple=True,
+    callback=_sbatch_pairs,
+    metavar="KEY=VALUE",
+    help="Extra sbatch parameter, repeatable: --sbatch exclusive=true.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the sbatch script and submit nothing.")
+@click.option("--wait", is_flag=True, help="Follow the job and exit with its result.")
+def submit(**values: Any) -> None:
+    """Submit `cifar-job train` to Slurm through submitit, from a login node.
+
+    Train options pass through. Tasks, nodes and devices agree by construction, the job
+    saves and requeues itself on preemption or at its time limit (up to --max-requeues
+    times), and it resumes in the same --run-dir. Follow a run with `cifar-job status`.
+    """
+    slurm_keys = (
+        "nodes",
+        "gpus_per_node",
+        "tasks_per_node",
+        "cpus_per_task",
+        "mem",
+        "partition",
+        "account",
+        "qos",
+        "constraint",
+        "container_image",
+        "max_requeues",
+    )
+    slurm_values = {k: values.pop(k) for k in slurm_keys}
+    dry_run, wait, extra, time_limit = (
+        values.pop(k) for k in ("dry_run", "wait", "extra", "time_limit")
+    )
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    from cifar_job.launch import SlurmOptions, sbatch_text, submit, time_minutes
+
+    time_minutes(time_limit)  # a bad --time is a usage error before anything is written
+    slurm = SlurmOptions(**slurm_values, time=time_limit, extra=extra)
+    if dry_run:
+        click.echo(sbatch_text(cfg, slurm), nl=False)
+        return
+    job = submit(cfg, slurm)
+    click.echo(
+        f"submitted job {job.job_id}\n  run dir: {cfg.run_dir}\n"
+        f"  logs:    {job.paths.stdout}\n           {job.paths.stderr}\n"
+        f"  follow:  cifar-job status {cfg.run_dir}"
+    )
+    if wait:
+        import logging
+
+        # submitit warns on every poll of a cluster without accounting (no sacct); the job's
+        # own log has what matters.
+        logging.getLogger("submitit").setLevel(logging.ERROR)
+        try:
+            results = job.results()[0]  # one result per task; rank 0's holds the metrics
+        except Exception as e:  # submitit's FailedJobError carries the job's traceback
+            raise CifarJobError(f"job {job.job_id} failed; see {job.paths.stderr}\n{e}") from None
+        click.echo(
+            f"job {job.job_id} finished: test/acc {results['test/acc']:.4f}  "
+            f"test/acc_top5 {results['test/acc_top5']:.4f}"
+        )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(run_dir: str, as_json: bool) -> None:
+    """Show where a run stands: state, step, restarts and the last metrics."""
+    from cifar_job.doctor import run_status
+
+    info = run_status(run_dir)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    job = f" (job {info['job_id']})" if info.get("job_id") else ""
+    click.echo(f"{info['run_dir']}: {info['state']}{job}")
+    click.echo(
+        f"  step {info.get('step', 0)}, epoch {info.get('epoch', 0)}, {info['restarts']} restart(s)"
+    )
+    for key, value in sorted(info["metrics"].items()):
+        click.echo(f"  {key} {value:.4f}")
+
+
+@main.command()
+@click.option("--devices", default="auto", help="The --devices you will train with.")
+@click.option(
+    "--num-nodes",
+    default=1,
+    type=click.IntRange(min=1),
+    help="The --num-nodes you will train with.",
+)
+@click.option("--accelerator", default="auto", help="The --accelerator you will train with.")
+@click.option(
+    "--num-workers", default=2, type=click.IntRange(min=0), help="DataLoader workers per rank."
+)
+@click.option(
+    "--data-dir",
+    default="data",
+    envvar="CIFAR_JOB_DATA_DIR",
+    help="The CIFAR-10 directory to check.",
+)
+@click.option(
+    "--dataset", default="cifar10", type=click.Choice(["cifar10", "synthetic"]), help="Dataset."
+)
+def doctor(
+    devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
+) -> None:
+    """Print the cluster environment and run preflight checks; exit 1 if one fails.
+
+    Run it the way training will run, e.g. `srun cifar-job doctor --devices 4` inside the
+    allocation, to catch a task/device mismatch, a missing srun, a missing --signal, a small
+    /dev/shm or missing data before the real job starts.
+    """
+    from cifar_job.doctor import checks, environment
+
+    for key, value in environment().items():
+        click.echo(f"{key:>20}: {value}")
+    found = checks(devices, num_nodes, accelerator, num_workers, data_dir, dataset)
+    for check in found:
+        click.echo(f"{'ok' if check.ok else 'FAIL':>6}  {check.name}: {check.detail}")
+    if not all(check.ok for check in found):
+        raise click.ClickException("some checks failed; see above for the fixes")

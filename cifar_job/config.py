@@ -72,8 +72,10 @@ class TrainConfig:
 
     # --- hardware, Lightning's names and values
     accelerator: str = _opt("auto", "cpu, gpu, or auto.")
-    devices: str = _opt("auto", "Devices per node: a count, a list such as 0,1, or auto.")
-    num_nodes: int = _opt(1, "Nodes. Under Slurm it must match --nodes.")
+    devices: str = _opt(
+        "auto", "Devices per node: a count, a list such as 0,1, or auto (under srun: its tasks)."
+    )
+    num_nodes: int = _opt(1, "Nodes. Under srun it is read from Slurm's allocation.")
     strategy: str = _opt("auto", "auto, ddp, ... (Lightning's strategy names).")
     precision: str = _opt("32", "Numeric precision.", PRECISIONS)
     num_workers: int = _opt(2, "DataLoader worker processes per rank.")

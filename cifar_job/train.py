@@ -17,7 +17,7 @@ from cifar_job import CifarJobError, __version__
 from cifar_job.config import TrainConfig
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
-from cifar_job.trainer import build_trainer, job_id
+from cifar_job.trainer import CheckpointOnSignal, build_trainer, job_id
 
 RESULTS = "results.json"
 # What makes two runs incompatible: resuming one as the other would load the wrong weights.
@@ -36,7 +36,8 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = CifarClassifier(cfg.to_dict())
-    trainer = build_trainer(cfg, run_dir)
+    # On a preemption signal, fit saves and raises Preempted: the CLI exits 75 for a requeue.
+    trainer = build_trainer(cfg, run_dir, callbacks=[CheckpointOnSignal(run_dir)])
     resume_from = find_resume_checkpoint(run_dir)
     if trainer.is_global_zero:
         record_start(run_dir, resume_from)

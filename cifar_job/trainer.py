@@ -6,6 +6,8 @@ This module and launch.py are the only ones that know about clusters.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -20,7 +22,19 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from cifar_job import CifarJobError
 from cifar_job.config import TrainConfig
+
+# Exit status of a run that saved a checkpoint on a preemption signal and wants to be requeued
+# (EX_TEMPFAIL: "temporary failure, retry"). slurm/requeue.sh and launch.py act on it.
+REQUEUE_EXIT = 75
+# USR1: what the sbatch templates ask Slurm for (and Lightning's convention). USR2: submitit's.
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(CifarJobError):
+    """The run saved its state after a preemption signal; requeue it to resume."""
+
 
 # ModelCheckpoint writes into the run directory, which a resumed run has filled already.
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
@@ -90,6 +104,64 @@ class LogLines(Callback):
             )
 
 
+class CheckpointOnSignal(Callback):
+    """Saves last.ckpt on all ranks together after a preemption signal, then stops training.
+
+    The handler only sets a flag: saving from inside it would deadlock under DDP, since
+    `Trainer.save_checkpoint` ends in a barrier that ranks without the signal never reach.
+    After every optimizer step the ranks agree on the flag (one tiny all-reduce), so they all
+    save the same step and stop together, raising Preempted (exit 75 from the CLI).
+    Requeueing is the launcher's job, not this one's.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.signalled: int | None = None
+        self.start_step = 0
+        self._previous: dict[int, Any] = {}
+
+    def _flag(self, signum: int, frame: Any) -> None:
+        self.signalled = signum
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            for sig in PREEMPT_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._flag)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
+            return
+        if trainer.global_step <= self.start_step:
+            # Nothing gained since the restart: requeueing again would loop without end.
+            raise CifarJobError(
+                f"preempted again at step {trainer.global_step}, where this restart began; "
+                "not requeueing. Give the job more time per allocation."
+            )
+        trainer.save_checkpoint(self.run_dir / "last.ckpt")
+        name = signal.Signals(self.signalled).name if self.signalled else "a signal on another rank"
+        # An exception, not trainer.should_stop: stopping would still run the epoch-end
+        # validation and checkpoints, and those would overwrite this mid-epoch last.ckpt.
+        raise Preempted(
+            f"{name}: saved {self.run_dir}/last.ckpt at step {trainer.global_step}; "
+            "rerun (or requeue) the same command to resume"
+        )
+
+
 def parse_devices(devices: str) -> int | str | list[int]:
     """Lightning's devices value from its CLI spelling: 2, 0,1, -1 or auto."""
     text = str(devices).strip()
@@ -105,6 +177,46 @@ def parse_devices(devices: str) -> int | str | list[int]:
         ) from None
 
 
+def slurm_layout(cfg: TrainConfig) -> tuple[int | str | list[int], int]:
+    """(devices, num_nodes) for the Trainer: from the Slurm allocation inside an srun step.
+
+    Lightning hangs at DDP init, or runs with the wrong world size, when they disagree with
+    --ntasks-per-node and --nodes; so under srun they are read from Slurm, and a value the
+    user set that contradicts the allocation is an error that says what to change.
+    """
+    devices = parse_devices(cfg.devices)
+    if not in_srun_step():
+        return devices, cfg.num_nodes
+    nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    tasks = tasks_per_node()
+    count = len(devices) if isinstance(devices, list) else devices
+    if count not in ("auto", tasks):
+        raise CifarJobError(
+            f"--devices {cfg.devices} disagrees with Slurm's {tasks} tasks per node: give "
+            f"sbatch --ntasks-per-node={count} or leave --devices auto (one task per device)"
+        )
+    if cfg.num_nodes not in (1, nodes):
+        raise CifarJobError(
+            f"--num-nodes {cfg.num_nodes} disagrees with Slurm's {nodes} nodes: give sbatch "
+            f"--nodes={cfg.num_nodes} or leave --num-nodes out"
+        )
+    return (tasks if devices == "auto" else devices), nodes
+
+
+def in_srun_step() -> bool:
+    """Whether this process is a task of an srun step (not the batch script itself)."""
+    step = os.environ.get("SLURM_STEP_ID", "")
+    return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and step.isdigit()
+
+
+def tasks_per_node() -> int:
+    """Slurm's tasks per node for this step (SLURM_STEP_TASKS_PER_NODE looks like "2(x2)")."""
+    for var in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if match := re.match(r"\d+", os.environ.get(var, "")):
+            return int(match.group())
+    return 1
+
+
 def build_trainer(
     cfg: TrainConfig,
     run_dir: Path,
@@ -113,6 +225,7 @@ def build_trainer(
 ) -> L.Trainer:
     """A Trainer writing checkpoints and logs into run_dir."""
     progress = sys.stderr.isatty() if progress is None else progress
+    devices, num_nodes = slurm_layout(cfg)
     all_callbacks: list[Callback] = [
         # The best epoch by validation accuracy. Not also save_last: since Lightning 2.6 that
         # refreshes last.ckpt only in epochs that improved on the best.
@@ -146,8 +259,8 @@ def build_trainer(
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         accelerator=cfg.accelerator,
-        devices=parse_devices(cfg.devices),
-        num_nodes=cfg.num_nodes,
+        devices=devices,
+        num_nodes=num_nodes,
         strategy=cfg.strategy,
         precision=cfg.precision,  # type: ignore[arg-type]
         max_epochs=cfg.max_epochs,

@@ -1,0 +1,249 @@
+"""`cifar-job doctor` and `cifar-job status`: what the cluster looks like from inside a job,
+the checks that catch the usual DDP-on-Slurm mistakes before hours are lost, and where a
+run stands. Like trainer.py and launch.py, this module reads the cluster's environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# DataLoader workers pass batches through /dev/shm; Docker's default of 64 MiB crashes them.
+MIN_SHM_BYTES = 1 << 30
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def environment() -> dict[str, Any]:
+    """The cluster environment as Lightning will see it."""
+    from cifar_job.trainer import in_srun_step, tasks_per_node
+
+    env = os.environ
+    info: dict[str, Any] = {"slurm_job": env.get("SLURM_JOB_ID"), "srun_step": in_srun_step()}
+    if info["slurm_job"]:
+        info |= {
+            "job_name": env.get("SLURM_JOB_NAME"),
+            "nodes": env.get("SLURM_JOB_NODELIST"),
+            "num_nodes": int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1),
+            "tasks_per_node": tasks_per_node(),
+            "global_rank": env.get("SLURM_PROCID"),
+            "local_rank": env.get("SLURM_LOCALID"),
+            "node_rank": env.get("SLURM_NODEID"),
+            "restarts": int(env.get("SLURM_RESTART_COUNT", 0)),
+        }
+        if info["srun_step"]:
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+            slurm = SLURMEnvironment(auto_requeue=False)
+            info |= {"master_addr": slurm.main_address, "master_port": slurm.main_port}
+    import torch
+
+    info["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")
+    info["cuda_devices"] = torch.cuda.device_count()
+    return info
+
+
+def batch_script(job_id: str) -> str | None:
+    """The job's batch script as Slurm stored it, or None (no scontrol, or not a batch job)."""
+    if not shutil.which("scontrol"):
+        return None
+    job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if "BatchFlag=1" not in job.stdout:  # srun or salloc: there is no batch script
+        return None
+    out = subprocess.run(
+        ["scontrol", "write", "batch_script", job_id, "-"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout if out.returncode == 0 else None
+
+
+def checks(
+    devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
+) -> list[Check]:
+    """Preflight checks; each failed one says how to fix it."""
+    from cifar_job.trainer import parse_devices
+
+    info = environment()
+    found: list[Check] = []
+    if info["slurm_job"]:
+        found.append(
+            Check(
+                "srun",
+                info["srun_step"],
+                "running as a task of an srun step"
+                if info["srun_step"]
+                else "running in the batch script itself: "
+                "launch training with `srun cifar-job train ...`, one task per device",
+            )
+        )
+        tasks, nodes = info["tasks_per_node"], info["num_nodes"]
+        wanted = parse_devices(devices)
+        count = len(wanted) if isinstance(wanted, list) else wanted
+        found.append(
+            Check(
+                "devices",
+                count in ("auto", tasks),
+                f"Slurm runs {tasks} tasks per node and --devices is {devices}"
+                + (
+                    ""
+                    if count in ("auto", tasks)
+                    else f": give sbatch --ntasks-per-node={count}, or --devices {tasks}"
+                ),
+            )
+        )
+        found.append(
+            Check(
+                "nodes",
+                num_nodes in (1, nodes),
+                f"Slurm gave {nodes} nodes and --num-nodes is {num_nodes}"
+                + (
+                    ""
+                    if num_nodes in (1, nodes)
+                    else f": give sbatch --nodes={num_nodes}, or --num-nodes {nodes}"
+                ),
+            )
+        )
+        if accelerator == "gpu":
+            enough = info["cuda_devices"] >= tasks
+            found.append(
+                Check(
+                    "gpus",
+                    enough,
+                    f"{info['cuda_devices']} CUDA devices visible for "
+                    f"{tasks} tasks per node"
+                    + ("" if enough else ": ask for --gpus-per-node equal to --ntasks-per-node"),
+                )
+            )
+        script = batch_script(info["slurm_job"])
+        if script is not None:
+            has_signal = "--signal" in script
+            found.append(
+                Check(
+                    "signal",
+                    has_signal,
+                    "the batch script asks for a signal before the time limit"
+                    if has_signal
+                    else "no --signal in the batch "
+                    "script: add `#SBATCH --signal=B:USR1@180` (and `--requeue`), or "
+                    "the job is killed at its limit without a checkpoint",
+                )
+            )
+    shm = shm_bytes()
+    shm_ok = num_workers == 0 or shm is None or shm >= MIN_SHM_BYTES
+    found.append(
+        Check(
+            "shm",
+            shm_ok,
+            f"/dev/shm is {_size(shm)}"
+            + (
+                ""
+                if shm_ok
+                else f"; {num_workers} DataLoader workers need more: in Docker add --ipc=host or "
+                "--shm-size=8g, or train with --num-workers 0"
+            ),
+        )
+    )
+    found.append(data_check(data_dir, dataset))
+    return found
+
+
+def data_check(data_dir: str, dataset: str) -> Check:
+    """Whether the data is present and verified."""
+    if dataset == "synthetic":
+        return Check("data", True, "synthetic data: generated, nothing to download")
+    from cifar_job import CifarJobError
+    from cifar_job.data import read_verified, verify
+
+    try:
+        summary = read_verified(data_dir) or verify(data_dir)
+    except CifarJobError as e:
+        return Check("data", False, str(e))
+    return Check(
+        "data",
+        True,
+        f"{data_dir}: {summary['train']} training and {summary['test']} test images, verified",
+    )
+
+
+def shm_bytes() -> int | None:
+    """The size of /dev/shm, or None where there is none."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_frsize * st.f_blocks
+
+
+def _size(n: int | None) -> str:
+    return (
+        "absent" if n is None else f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    )
+
+
+def run_status(run_dir: str | Path) -> dict[str, Any]:
+    """Where a run stands: state, step, epoch, restarts and the last metrics."""
+    import torch
+
+    from cifar_job import CifarJobError
+    from cifar_job.plot import metrics_files
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise CifarJobError(f"{run_dir} has no manifest.json: not a cifar-job run directory")
+    manifest = json.loads(manifest_path.read_text())
+    starts = manifest.get("starts", [])
+    status: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "starts": len(starts),
+        "restarts": max(len(starts) - 1, 0),
+    }
+    last = run_dir / "last.ckpt"
+    if last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        status |= {"step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+    job_id = starts[-1].get("job_id") if starts else None
+    if (run_dir / "results.json").exists():
+        status["state"] = "finished"
+        final = json.loads((run_dir / "results.json").read_text())
+        status["metrics"] = {
+            k: v for k, v in final.items() if k.startswith("test/") and k != "test/confusion"
+        }
+    else:
+        status["state"] = slurm_state(job_id) if job_id else "stopped (not running under Slurm)"
+        status["metrics"] = last_metrics(metrics_files(run_dir))
+    status["job_id"] = job_id
+    return status
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's Slurm state (RUNNING, PENDING, ...), or "stopped" once Slurm forgot it."""
+    if not shutil.which("squeue"):
+        return "unknown (no squeue here)"
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip().lower() or "stopped"
+
+
+def last_metrics(paths: list[Path]) -> dict[str, float]:
+    """The newest value of each validation and epoch-level training metric."""
+    import csv
+
+    latest: dict[str, float] = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if value and (key.startswith("val/") or key.endswith("_epoch")):
+                        latest[key] = float(value)
+    return latest

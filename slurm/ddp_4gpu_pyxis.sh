@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One node, 4 GPUs, in the cifar-job container through enroot/pyxis (srun --container-image).
+#
+#   enroot import dockerd://cifar-job:latest          # once: cifar-job+latest.sqsh
+#   IMAGE=$PWD/cifar-job+latest.sqsh sbatch slurm/ddp_4gpu_pyxis.sh --max-epochs 100
+#
+# The batch script runs on the host, so the requeue works although the image has no scontrol.
+# Scheduler settings: sbatch flags or SBATCH_* variables; trailing arguments go to train.
+#SBATCH --job-name=cifar-job
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -euo pipefail
+
+# ---- edit these, or set them in the environment of sbatch ----
+IMAGE=${IMAGE:-cifar-job:latest}                           # a .sqsh, or docker://REGISTRY#IMAGE
+DATA_DIR=${DATA_DIR:-data}                                 # relative to the submit directory
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}} # same across requeues
+ACCELERATOR=${ACCELERATOR:-gpu}
+CIFAR_JOB_HOME=${CIFAR_JOB_HOME:-${SLURM_SUBMIT_DIR}}      # the checkout holding slurm/
+# ----
+
+source "${CIFAR_JOB_HOME}/slurm/requeue.sh" || {
+  echo "cifar-job: no slurm/requeue.sh in ${CIFAR_JOB_HOME}; set CIFAR_JOB_HOME" >&2; exit 1; }
+# The submit directory is mounted at the same path, so relative DATA_DIR and RUN_DIR work.
+run_requeueable srun --kill-on-bad-exit=1 --container-image="${IMAGE}" \
+  --container-mounts="${SLURM_SUBMIT_DIR}:${SLURM_SUBMIT_DIR}" \
+  --container-workdir="${SLURM_SUBMIT_DIR}" \
+  cifar-job train --data-dir "${DATA_DIR}" --run-dir "${RUN_DIR}" --accelerator "${ACCELERATOR}" "$@"

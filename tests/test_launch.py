@@ -1,0 +1,134 @@
+"""The submitit launcher's sbatch text, time parsing, and checkpoints under a hard kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import FAST, cifar_job
+
+from cifar_job.cli import main
+from cifar_job.launch import time_minutes
+
+GOLDEN = Path(__file__).parent / "golden" / "submit_dry_run.sbatch"
+
+
+def test_submit_dry_run_prints_the_pinned_sbatch_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "submit",
+        "--dry-run",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--cpus-per-task",
+        "6",
+        "--mem",
+        "64G",
+        "--time",
+        "2:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "proj",
+        "--qos",
+        "high",
+        "--constraint",
+        "a100",
+        "--sbatch",
+        "exclusive=true",
+        "--run-dir",
+        "runs/golden",
+        "--max-epochs",
+        "90",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    text = result.output.replace(str(tmp_path), "{CWD}").replace(sys.executable, "{PYTHON}")
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_submit_dry_run_with_a_container_image_uses_pyxis(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["submit", "--dry-run", "--container-image", "cifar-job:1"])
+    assert result.exit_code == 0, result.output
+    srun = next(line for line in result.output.splitlines() if line.startswith("srun "))
+    assert "--container-image=cifar-job:1" in srun and f"--container-mounts={tmp_path}" in srun
+    assert " python3 -u -m submitit.core._submit" in srun  # the image's Python
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("30", 30), ("1:30", 2), ("2:00:00", 120), ("1-0", 1440), ("1-2:30", 1590), ("0:0:10", 1)],
+)
+def test_time_limits_in_slurm_formats(text, minutes):
+    assert time_minutes(text) == minutes
+
+
+@pytest.mark.parametrize("bad", ["soon", "1:2:3:4", "-5"])
+def test_bad_time_limit_is_a_usage_error(bad):
+    result = CliRunner().invoke(main, ["submit", "--dry-run", "--time", bad])
+    assert result.exit_code == 2
+    assert "--time" in result.output
+
+
+def test_bad_extra_sbatch_parameter_is_a_usage_error():
+    result = CliRunner().invoke(main, ["submit", "--dry-run", "--sbatch", "exclusive"])
+    assert result.exit_code == 2 and "expected KEY=VALUE" in result.output
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--synthetic-size",
+        "700",
+        "--val-size",
+        "100",
+        "--batch-size",
+        "50",
+        "--max-epochs",
+        "4",
+        "--run-dir",
+        str(run_dir),
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_job", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    killed_at = None
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and killed_at is None:
+        # A second last.ckpt being written beside the first: kill -9 in the middle of it.
+        if (run_dir / "last.ckpt").exists() and any(run_dir.glob(".last.ckpt.*.tmp")):
+            proc.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+        time.sleep(0.002)
+    proc.wait()
+    assert killed_at is not None, "the checkpoint write was never caught in progress"
+    previous = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert previous["global_step"] % 12 == 0 and previous["global_step"] > 0  # an epoch's end
+
+    result = cifar_job(*args)
+    assert result.returncode == 0, result.stderr
+    starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
+    assert starts[-1]["step"] == previous["global_step"]
+    final = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == 4 * 12

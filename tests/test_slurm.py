@@ -1,0 +1,337 @@
+"""The sbatch templates and `cifar-job submit` on a real Slurm cluster (tests/cluster/start.sh):
+DDP to completion on one and two nodes, and preemption mid-epoch that saves, requeues and
+resumes at the same step, for both launch paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cifar_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+# 1,000 training images in global batches of 40: 25 optimizer steps per epoch on any layout.
+TRAIN = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "1200",
+    "--val-size",
+    "200",
+    "--arch",
+    "resnet18",
+    "--stem",
+    "imagenet",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "40",
+    "--lr",
+    "0.05",
+    "--log-every-n-steps",
+    "1",
+]
+STEPS_PER_EPOCH = 25
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
+        pytest.skip("no Slurm cluster: run tests/cluster/start.sh (root, Debian) or `make cluster`")
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """What a user's login shell has: the venv's cifar-job on PATH (sbatch exports it)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {
+        **os.environ,
+        "PATH": path,
+        "PYTHONUNBUFFERED": "1",
+        "CIFAR_JOB_HOME": str(REPO),
+        "ACCELERATOR": "cpu",
+        **extra,
+    }
+
+
+def sbatch(*args: str, cwd: Path, **env: str) -> str:
+    """Submit as a user would, from cwd; returns the job id."""
+    out = subprocess.run(
+        ["sbatch", "--parsable", *args],
+        cwd=cwd,
+        env=job_env(**env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return out.stdout.split("JobState=")[1].split()[0] if "JobState=" in out.stdout else "GONE"
+
+
+def wait_done(job_id: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} still {job_state(job_id)} after {timeout} s")
+
+
+def wait_for_text(path_glob: str, base: Path, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in p.read_text(errors="replace") for p in base.glob(path_glob)):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} never appeared in {base}/{path_glob}")
+
+
+def ckpt_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+
+def assert_no_rank_left(run_dir: Path) -> None:
+    """No process of the run survives its job (Slurm reaps a finished step within seconds)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+        if not out.stdout.strip():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes still running for {run_dir}: {out.stdout}")
+
+
+def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        "--ntasks-per-node=2",
+        "--gpus-per-node=2",
+        "--cpus-per-task=1",
+        str(REPO / "slurm/ddp_4gpu.sh"),
+        *TRAIN,
+        "--max-epochs",
+        "2",
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
+    )
+    assert wait_done(job) == "COMPLETED", (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
+    log = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
+    assert "Starting with 2 processes" in log and "test/acc " in log
+    assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH  # global batch 40 split over 2 ranks
+    assert "test/acc" in json.loads((run_dir / "results.json").read_text())
+    assert_no_rank_left(run_dir)
+
+
+def test_sbatch_multinode_template_runs_two_nodes(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--cpus-per-task=1",
+        str(REPO / "slurm/ddp_multinode.sh"),
+        *TRAIN,
+        "--max-epochs",
+        "1",
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
+    )
+    log_path = tmp_path / f"slurm-cifar-job-{job}.out"
+    assert wait_done(job) == "COMPLETED", log_path.read_text()
+    log = log_path.read_text()
+    assert "on n[1-2]" in log and "Starting with 2 processes" in log
+    assert ckpt_step(run_dir) == STEPS_PER_EPOCH
+    assert "test/acc " in log
+
+
+def test_sbatch_job_preempted_mid_epoch_resumes_at_the_same_step(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        "--ntasks-per-node=2",
+        "--gpus-per-node=2",
+        "--cpus-per-task=1",
+        str(REPO / "slurm/ddp_4gpu.sh"),
+        *TRAIN,
+        "--max-epochs",
+        "2",
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
+    )
+    log_path = tmp_path / f"slurm-cifar-job-{job}.out"
+    wait_for_text(log_path.name, tmp_path, f"step 12/{2 * STEPS_PER_EPOCH}")
+    # What Slurm does ahead of a time limit with --signal=B:USR1@N: signal the batch shell.
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True)
+    assert wait_done(job) == "COMPLETED", log_path.read_text()
+    log = log_path.read_text()
+    assert "requeueing job" in log and "start 2 on" in log
+    starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
+    assert len(starts) == 2 and starts[1]["job_id"] == job
+    resumed = starts[1]["step"]
+    assert 12 <= resumed < STEPS_PER_EPOCH  # mid-epoch: not scratch, not the epoch start
+    assert f"saved {run_dir}/last.ckpt at step {resumed}" in log
+    assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH  # same total as an uninterrupted run
+    assert log.count("Exited with exit code 75") == 1  # every rank exited, none hung
+    assert_no_rank_left(run_dir)
+
+
+def test_sbatch_requeue_budget_stops_the_job(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        "--ntasks-per-node=1",
+        "--gpus-per-node=1",
+        "--cpus-per-task=1",
+        str(REPO / "slurm/ddp_4gpu.sh"),
+        *TRAIN,
+        "--max-epochs",
+        "2",
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
+        MAX_REQUEUES="0",
+    )
+    log_path = tmp_path / f"slurm-cifar-job-{job}.out"
+    wait_for_text(log_path.name, tmp_path, "step 5/")
+    subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True)
+    assert wait_done(job) == "FAILED"
+    assert "requeued 0 times already (MAX_REQUEUES=0); stopping" in log_path.read_text()
+    assert 5 <= ckpt_step(run_dir) < STEPS_PER_EPOCH  # the work done so far is saved
+
+
+def test_submit_two_nodes_runs_and_returns_the_result(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cifar_job(
+        "submit",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+        "--wait",
+        "--accelerator",
+        "cpu",
+        *TRAIN,
+        "--max-epochs",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "submitted job" in result.stdout and f"run dir: {run_dir}" in result.stdout
+    assert "finished: test/acc" in result.stdout
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    assert wait_done(job, timeout=60) == "COMPLETED"
+    assert ckpt_step(run_dir) == STEPS_PER_EPOCH
+    assert_no_rank_left(run_dir)
+    status = cifar_job("status", str(run_dir), "--json")
+    info = json.loads(status.stdout)
+    assert info["state"] == "finished" and info["step"] == STEPS_PER_EPOCH and info["restarts"] == 0
+
+
+def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    result = cifar_job(
+        "submit",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+        "--accelerator",
+        "cpu",
+        *TRAIN,
+        "--max-epochs",
+        "2",
+        "--run-dir",
+        str(run_dir),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    wait_for_text(f"submitit/{job}_0_log.out", run_dir, "step 12/")
+    running = cifar_job("status", str(run_dir))
+    assert "running (job" in running.stdout
+    # submitit asks Slurm for --signal=USR2@90: the same signal, sent now, to every task.
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    assert wait_done(job) == "COMPLETED"
+    logs = "".join(p.read_text() for p in (run_dir / "submitit").glob(f"{job}_*_log.*"))
+    assert "requeueing job" in logs
+    starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
+    assert len(starts) == 2 and 12 <= starts[1]["step"] < STEPS_PER_EPOCH
+    assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH
+    assert_no_rank_left(run_dir)
+    info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
+    assert info["state"] == "finished" and info["restarts"] == 1
+
+
+def test_doctor_catches_ntasks_devices_mismatch(cluster, tmp_path):
+    srun = [
+        "srun",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=2",
+        "--cpus-per-task=1",
+        sys.executable,
+        "-m",
+        "cifar_job",
+        "doctor",
+        "--dataset",
+        "synthetic",
+    ]
+    bad = subprocess.run(
+        [*srun, "--devices", "4"], capture_output=True, text=True, env=job_env(), cwd=tmp_path
+    )
+    assert bad.returncode != 0
+    assert "FAIL  devices: Slurm runs 2 tasks per node and --devices is 4" in bad.stdout
+    assert "--ntasks-per-node=4" in bad.stdout
+    good = subprocess.run(
+        [*srun, "--devices", "2", "--num-workers", "0"],
+        capture_output=True,
+        text=True,
+        env=job_env(),
+        cwd=tmp_path,
+    )
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "master_addr: n1" in good.stdout and "ok  srun" in good.stdout
+
+
+def test_training_refuses_devices_that_contradict_the_allocation(cluster, tmp_path):
+    out = subprocess.run(
+        [
+            "srun",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            sys.executable,
+            "-m",
+            "cifar_job",
+            "train",
+            *TRAIN,
+            "--devices",
+            "2",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=job_env(),
+    )
+    assert out.returncode != 0
+    assert "--devices 2 disagrees with Slurm's 1 tasks per node" in out.stderr
+    assert "Traceback" not in out.stderr
