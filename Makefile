@@ -10,8 +10,18 @@ CLI := $(VENV)/bin/cifar-job
 #   make install TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' cifar_job/__init__.py)
+IMAGE ?= cifar-job
+# make image WHEELS=1: build from ./wheels only (make wheels first), with no network.
+WHEELS ?= 0
+# The image's Python, for `make wheels`: 3.12 on the default CUDA base (Ubuntu 24.04).
+WHEELS_PYTHON ?= 3.12
+DOCKER_BUILD_ARGS ?=
+# pip matches --platform tags exactly: every glibc from 2.5 to 2.39, plus the legacy names.
+WHEEL_PLATFORMS := $(foreach n,$(shell seq 5 39),--platform manylinux_2_$(n)_x86_64) \
+  $(foreach g,2014 2010 1,--platform manylinux$(g)_x86_64)
 
-.PHONY: help install demo test test-fast lint cluster cluster-stop clean
+.PHONY: help install demo test test-fast test-docker lint cluster cluster-stop dist wheels image clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,7 +57,26 @@ test-fast: install ## Only the tests that train nothing (seconds)
 lint: install ## ruff (lint, format) and shellcheck
 	$(VENV)/bin/ruff check cifar_job tests bench
 	$(VENV)/bin/ruff format --check cifar_job tests bench
-	$(VENV)/bin/shellcheck -x slurm/*.sh tests/cluster/*.sh
+	$(VENV)/bin/shellcheck -x slurm/*.sh tests/cluster/*.sh tests/docker/*.sh
+	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
+
+test-docker: install ## Build the image on a local Docker engine and run it (slow, GBs)
+	$(PY) -m pytest -m docker --run-docker
+
+dist: install ## Build the project wheel into dist/
+	rm -rf dist && $(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+wheels: dist ## Fill wheels/ with every wheel the image needs, for air-gapped builds
+	mkdir -p wheels
+	$(PY) -m pip download --quiet --dest wheels --only-binary=:all: \
+	  --python-version $(WHEELS_PYTHON) $(WHEEL_PLATFORMS) \
+	  $(TORCH_SPEC) dist/cifar_job-*.whl
+
+image: dist ## Build the image cifar-job:<version> and cifar-job:latest
+	mkdir -p wheels
+	docker build -f docker/Dockerfile -t $(IMAGE):$(VERSION) -t $(IMAGE):latest \
+	  --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --build-arg WHEELS=$(WHEELS) $(DOCKER_BUILD_ARGS) .
 
 cluster: ## Start the 2-node Slurm cluster the slurm tests use (needs root and apt)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then tests/cluster/start.sh; \
@@ -56,5 +85,5 @@ cluster: ## Start the 2-node Slurm cluster the slurm tests use (needs root and a
 cluster-stop: ## Stop that cluster
 	tests/cluster/stop.sh
 
-clean: ## Remove the venv, caches and runs/
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
+clean: ## Remove the venv, caches, runs/, dist/ and wheels/
+	rm -rf $(VENV) runs dist wheels .pytest_cache .ruff_cache *.egg-info

@@ -104,3 +104,20 @@ FAST = [
     "--log-every-n-steps",
     "5",
 ]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--run-docker",
+        action="store_true",
+        help="run the tests marked docker (build the image; slow, GBs of disk)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-docker"):
+        return
+    skip = pytest.mark.skip(reason="image build takes GBs and minutes: `make test-docker` runs it")
+    for item in items:
+        if "docker" in item.keywords:
+            item.add_marker(skip)
