@@ -21,7 +21,7 @@ DOCKER_BUILD_ARGS ?=
 WHEEL_PLATFORMS := $(foreach n,$(shell seq 5 39),--platform manylinux_2_$(n)_x86_64) \
   $(foreach g,2014 2010 1,--platform manylinux$(g)_x86_64)
 
-.PHONY: help install demo test test-fast test-docker lint cluster cluster-stop dist wheels image clean
+.PHONY: help install demo test test-fast test-docker bench lint cluster cluster-stop dist wheels image clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,14 @@ lint: install ## ruff (lint, format) and shellcheck
 
 test-docker: install ## Build the image on a local Docker engine and run it (slow, GBs)
 	$(PY) -m pytest -m docker --run-docker
+
+bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench/gpu.py on CUDA)
+	$(PY) bench/cli_startup.py
+	$(PY) bench/data_path.py
+	$(PY) bench/lightning_overhead.py 2>/dev/null
+	$(PY) bench/ddp_cpu.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 
 dist: install ## Build the project wheel into dist/
 	rm -rf dist && $(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .

@@ -5,3 +5,12 @@ __version__ = "0.1.0"
 
 class CifarJobError(Exception):
     """An error the user can fix; the message says how."""
+
+
+# Exit status of a run that saved a checkpoint on a preemption signal and asks to be requeued
+# (EX_TEMPFAIL: "temporary failure, retry"). slurm/requeue.sh and launch.py act on it.
+REQUEUE_EXIT = 75
+
+
+class Preempted(CifarJobError):
+    """The run saved its state after a preemption signal; requeue it to resume."""

@@ -12,11 +12,9 @@ from typing import Any
 
 import click
 
-from cifar_job import CifarJobError, __version__
+from cifar_job import REQUEUE_EXIT, CifarJobError, Preempted, __version__
 from cifar_job.config import TrainConfig, dashed, load_config_file
 
-# trainer.REQUEUE_EXIT, repeated here so that the CLI need not import torch to know it.
-REQUEUE_EXIT = 75
 ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
 FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
 
@@ -27,10 +25,10 @@ class Cli(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except Preempted as e:  # not an error: the launcher requeues on this exit status
+            click.echo(f"cifar-job: {e}", err=True)
+            ctx.exit(REQUEUE_EXIT)
         except CifarJobError as e:
-            if type(e).__name__ == "Preempted":  # not an error: the launcher requeues on 75
-                click.echo(f"cifar-job: {e}", err=True)
-                ctx.exit(REQUEUE_EXIT)
             raise click.ClickException(str(e)) from None
         except ValueError as e:
             raise click.UsageError(str(e), ctx) from None

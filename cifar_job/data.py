@@ -135,7 +135,10 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             # The batches are pickles by CIFAR's own format; they come only from an archive
             # whose md5 was checked, or from a directory the user put there themselves.
             entry = pickle.load(f, encoding="bytes")
-        data, labels = entry[b"data"], entry[b"labels"]
+        # The official batches were pickled by Python 2 (keys load as bytes); a re-pickled
+        # copy from Python 3 has str keys. Both are the same format.
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        data, labels = entry["data"], entry["labels"]
     except FileNotFoundError:
         raise
     except Exception as e:  # a damaged pickle can raise nearly anything
@@ -226,24 +229,49 @@ def make_synthetic(n: int, seed: int, split: str = "train") -> tuple[torch.Tenso
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 N x 3 x H x W to float, per-channel standardized with CIFAR-10's statistics."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean) / std
+    scale = 1 / (torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255)
+    shift = -torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) / torch.tensor(
+        STD, device=images.device
+    ).view(1, 3, 1, 1)
+    # One pass, uint8 in and float out (about twice as fast as .float() first on CPU).
+    return torch.addcmul(shift, images, scale)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with `pad` zero pixels and horizontal flip, for a whole uint8 batch at once."""
-    n, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=generator.device).to(
-        images.device
-    )
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-    chans = torch.arange(3, device=images.device)[None, :, None, None]
-    cropped = padded[torch.arange(n, device=images.device)[:, None, None, None], chans, rows, cols]
-    flip = torch.rand(n, generator=generator, device=generator.device).to(images.device) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+def augment(
+    images: torch.Tensor, generator: torch.Generator, pad: int = 4, cutout: int = 0
+) -> torch.Tensor:
+    """Random crop with `pad` zero pixels, horizontal flip and, if cutout > 0, a random
+    cutout x cutout square set to the dataset mean, for a whole uint8 batch at once.
+
+    Crop and flip are one gather: each output pixel's source index in the padded image, with
+    the flip folded into the column index. That is about twice as fast on CPU as indexing
+    rows and columns separately, and the same on a GPU's memory.
+    """
+    n, c, h, w = images.shape
+    device = images.device
+
+    def draw(high: int) -> torch.Tensor:  # per-image integers in [0, high), on the device
+        return torch.randint(0, high, (n, 1, 1), generator=generator, device=generator.device).to(
+            device
+        )
+
+    width = w + 2 * pad
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)).view(n, c, -1)
+    dy, dx, flip = draw(2 * pad + 1), draw(2 * pad + 1), draw(2).bool()
+    j = torch.arange(w, device=device)[None, None, :]
+    cols = dx + torch.where(flip, w - 1 - j, j)  # n x 1 x w
+    rows = dy + torch.arange(h, device=device)[None, :, None]  # n x h x 1
+    source = (rows * width + cols).view(n, 1, h * w).expand(n, c, h * w)
+    out = padded.gather(2, source).view(n, c, h, w)
+    if cutout > 0:
+        cy, cx = draw(h).view(n, 1), draw(w).view(n, 1)  # the square's centre; may overhang
+        dy_ = torch.arange(h, device=device)[None, :] - cy + cutout // 2  # 0..cutout-1 inside
+        dx_ = torch.arange(w, device=device)[None, :] - cx + cutout // 2
+        inside_y, inside_x = (dy_ >= 0) & (dy_ < cutout), (dx_ >= 0) & (dx_ < cutout)
+        square = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
+        mean = (torch.tensor(MEAN, device=device) * 255).round().to(images.dtype).view(1, 3, 1, 1)
+        out = torch.where(square, mean, out)
+    return out
 
 
 class TensorImages(Dataset):
@@ -284,14 +312,51 @@ class ShardSampler(Sampler[int]):
         per_rank = self.n // self.world
         return order[self.rank : per_rank * self.world : self.world]
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_indices(self) -> torch.Tensor:
+        """This pass's indices as a tensor; a pending skip applies to this pass only."""
         indices, self.skip = self._indices()[self.skip :], 0
-        return iter(indices.tolist())
+        return indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices().tolist())
 
     def __len__(self) -> int:
         # The whole epoch, skipped part included: Lightning counts a resumed epoch's batches
         # from where it stopped, so the epoch still ends after len() batches in all.
         return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
+
+
+class TensorLoader:
+    """Batches sliced from a split held as one uint8 tensor on the training device.
+
+    No workers, no collation, no host-to-device copies: each batch is two index lookups on
+    the device, then `augment` runs on the whole batch there. The sampler decides the order
+    (and the shard, and where a resumed epoch starts), as it does for a DataLoader.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sampler: ShardSampler,
+        batch_size: int,
+        drop_last: bool,
+    ) -> None:
+        self.images, self.labels, self.sampler = images, labels, sampler
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.batch_sampler = None  # Lightning looks for one, as on a DataLoader
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.sampler.epoch_indices().to(self.images.device)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            # index_select: a plain row copy, ~15x faster on CPU than advanced indexing.
+            yield self.images.index_select(0, batch), self.labels.index_select(0, batch)
 
 
 class CIFAR10DataModule(L.LightningDataModule):
@@ -307,12 +372,17 @@ class CIFAR10DataModule(L.LightningDataModule):
         seed: int = 42,
         download: bool = False,
         synthetic_size: int = 10000,
+        loader: str = "tensor",
+        cutout: int = 0,
     ) -> None:
         super().__init__()
         self.data_dir, self.dataset, self.global_batch = data_dir, dataset, batch_size
         self.val_size, self.num_workers, self.seed = val_size, num_workers, seed
         self.allow_download, self.synthetic_size = download, synthetic_size
+        self.loader, self.cutout = loader, cutout
         self.splits: dict[str, TensorImages] = {}
+        self.resume_position: tuple[int, int] | None = None
+        self.on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare_data(self) -> None:
         """Download (when allowed) and verify, once per node; never download otherwise."""
@@ -361,13 +431,15 @@ class CIFAR10DataModule(L.LightningDataModule):
             )
         return self.global_batch // world
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool) -> TensorLoader | DataLoader:
         rank, world = self.world
         data = self.splits[split]
         sampler = ShardSampler(len(data), rank, world, shuffle, self.seed)
-        if shuffle and self.trainer is not None:
-            sampler.set_epoch(self.trainer.current_epoch)
-            sampler.skip = self.batches_done_this_epoch() * self.batch_per_rank
+        if shuffle:
+            self.position_sampler(sampler)
+        if self.loader == "tensor":
+            images, labels = self.split_on_device(split)
+            return TensorLoader(images, labels, sampler, self.batch_per_rank, drop_last=shuffle)
         return DataLoader(
             data,
             batch_size=self.batch_per_rank,
@@ -378,24 +450,48 @@ class CIFAR10DataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def batches_done_this_epoch(self) -> int:
-        """Batches of the current epoch already trained on, as restored from a checkpoint.
+    def split_on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's tensors on the training device, copied there once (150 MB for CIFAR-10)."""
+        device = (
+            self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        )
+        key = (split, str(device))
+        if key not in self.on_device:
+            data = self.splits[split]
+            self.on_device[key] = (data.images.to(device), data.labels.to(device))
+        return self.on_device[key]
 
-        Lightning restores its loop counters before it asks for the train loader, and it
-        iterates that loader once before it sets the sampler's epoch, so both are set here.
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position: the epoch and how many of its batches are done.
+
+        Lightning saves this in every checkpoint and restores it before it first asks for
+        the train loader, so a run resumed mid-epoch starts with the first unseen batch.
         """
-        trainer = self.trainer
-        assert trainer is not None
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return done if done < len(self.splits["train"]) // self.global_batch else 0
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": done}
 
-    def train_dataloader(self) -> DataLoader:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.resume_position = (state["epoch"], state["batches_done"]) if state else None
+
+    def position_sampler(self, sampler: ShardSampler) -> None:
+        """Set the sampler's epoch, and its skip if this loader resumes a checkpointed run."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        done = 0
+        if self.resume_position is not None:
+            (epoch, done), self.resume_position = self.resume_position, None
+        sampler.set_epoch(epoch)
+        if done < len(sampler) // self.batch_per_rank:  # an epoch-end checkpoint skips nothing
+            sampler.skip = done * self.batch_per_rank
+
+    def train_dataloader(self) -> TensorLoader | DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> TensorLoader | DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> TensorLoader | DataLoader:
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -406,5 +502,5 @@ class CIFAR10DataModule(L.LightningDataModule):
             # Seeded by step and rank, so a resumed run draws the same crops and flips.
             g = torch.Generator(device=images.device)
             g.manual_seed(self.seed * 1_000_003 + trainer.global_step * 4099 + trainer.global_rank)
-            images = augment(images, g)
+            images = augment(images, g, cutout=self.cutout)
         return normalize(images), labels

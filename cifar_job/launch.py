@@ -19,7 +19,7 @@ from typing import Any
 
 import submitit
 
-from cifar_job import CifarJobError
+from cifar_job import REQUEUE_EXIT, CifarJobError, Preempted
 from cifar_job.config import TrainConfig
 
 
@@ -77,7 +77,6 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, Any] | None:
         from cifar_job.train import run
-        from cifar_job.trainer import REQUEUE_EXIT, Preempted
 
         try:
             return run(TrainConfig.from_dict(self.config))

@@ -73,6 +73,8 @@ def build_datamodule(cfg: TrainConfig) -> CIFAR10DataModule:
         seed=cfg.seed,
         download=cfg.download,
         synthetic_size=cfg.synthetic_size,
+        loader=cfg.data_loader,
+        cutout=cfg.cutout,
     )
 
 

@@ -1,6 +1,6 @@
 """build_trainer(cfg): devices, nodes, strategy, precision, callbacks, loggers, cluster env.
 
-This module and launch.py are the only ones that know about clusters.
+This module, launch.py and doctor.py are the only ones that know about clusters.
 """
 
 from __future__ import annotations
@@ -22,18 +22,11 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cifar_job import CifarJobError
+from cifar_job import CifarJobError, Preempted
 from cifar_job.config import TrainConfig
 
-# Exit status of a run that saved a checkpoint on a preemption signal and wants to be requeued
-# (EX_TEMPFAIL: "temporary failure, retry"). slurm/requeue.sh and launch.py act on it.
-REQUEUE_EXIT = 75
 # USR1: what the sbatch templates ask Slurm for (and Lightning's convention). USR2: submitit's.
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-
-
-class Preempted(CifarJobError):
-    """The run saved its state after a preemption signal; requeue it to resume."""
 
 
 # ModelCheckpoint writes into the run directory, which a resumed run has filled already.
@@ -70,8 +63,11 @@ class LogLines(Callback):
 
     def __init__(self, every_n_steps: int) -> None:
         self.every = every_n_steps
-        self.started = time.monotonic()
-        self.images = 0
+        self.started, self.images = time.monotonic(), 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # img/s counts training alone: not start-up, DDP set-up or the sanity check.
+        self.started, self.images = time.monotonic(), 0
 
     def on_train_batch_end(
         self,

@@ -98,3 +98,44 @@ def test_synthetic_classes_differ_and_train_and_test_share_them():
     dists = ((test_x.float()[:, None] - means[None]) ** 2).flatten(2).sum(-1)
     assert (dists.argmin(1) == test_y).float().mean() > 0.5
     assert not torch.equal(train_x[:500], test_x)
+
+
+def test_tensor_path_and_dataloader_path_give_identical_batches():
+    def batches(loader):
+        dm = CIFAR10DataModule(
+            dataset="synthetic",
+            synthetic_size=300,
+            val_size=40,
+            batch_size=32,
+            num_workers=0,
+            loader=loader,
+        )
+        dm.setup("fit")
+        return list(dm.train_dataloader()), list(dm.val_dataloader())
+
+    (fast_train, fast_val), (torch_train, torch_val) = batches("tensor"), batches("torch")
+    assert len(fast_train) == len(torch_train) == 260 // 32
+    for (a, y1), (b, y2) in zip(fast_train + fast_val, torch_train + torch_val):
+        assert a.dtype == b.dtype == torch.uint8
+        assert torch.equal(a, b) and torch.equal(y1, y2)
+    # Both then go through the same on-device augment and normalize.
+
+
+def test_cutout_blanks_one_square_of_the_mean_colour():
+    images = torch.zeros(500, 3, 32, 32, dtype=torch.uint8)
+    out = augment(images, torch.Generator().manual_seed(2), pad=0, cutout=8)
+    mean = (torch.tensor(MEAN) * 255).round().to(torch.uint8)
+    blank = (out == mean.view(1, 3, 1, 1)).all(1)  # pixels set to the mean colour
+    sizes = blank.flatten(1).sum(1)
+    assert sizes.max() == 64 and (sizes > 0).all()  # a whole 8x8 square, or its clipped part
+    assert (sizes == 64).float().mean() > 0.5
+
+
+def test_tensor_loader_resumes_mid_epoch_with_the_unseen_batches():
+    dm = CIFAR10DataModule(dataset="synthetic", synthetic_size=300, val_size=40, batch_size=20)
+    dm.setup("fit")
+    full = list(dm.train_dataloader())
+    dm.load_state_dict({"epoch": 0, "batches_done": 4})  # as restored from a checkpoint
+    resumed = list(dm.train_dataloader())
+    assert len(resumed) == len(full) - 4
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, full[4:]))

@@ -335,3 +335,16 @@ def test_training_refuses_devices_that_contradict_the_allocation(cluster, tmp_pa
     assert out.returncode != 0
     assert "--devices 2 disagrees with Slurm's 1 tasks per node" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_doctor_flags_a_batch_script_that_asks_for_no_signal(cluster, tmp_path):
+    script = tmp_path / "no_signal.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --ntasks-per-node=1\n"
+        f"srun {sys.executable} -m cifar_job doctor --dataset synthetic --num-workers 0\n"
+    )
+    job = sbatch("--output", str(tmp_path / "out.txt"), str(script), cwd=tmp_path)
+    assert wait_done(job, timeout=120) == "FAILED"
+    out = (tmp_path / "out.txt").read_text()
+    assert "FAIL  signal: no --signal in the batch script" in out
+    assert "#SBATCH --signal=B:USR1@180" in out  # the fix

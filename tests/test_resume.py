@@ -1,0 +1,84 @@
+"""Preemption without a cluster: SIGUSR1 to a local run saves mid-epoch and exits 75, and the
+resumed run continues with exactly the batches it had left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, cifar_job
+
+pytestmark = pytest.mark.slow
+
+# 600 training images in batches of 40: 15 steps an epoch, 30 in all.
+ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "700",
+    "--val-size",
+    "100",
+    "--batch-size",
+    "40",
+    "--max-epochs",
+    "2",
+    "--deterministic",
+    *FAST,
+]
+STEPS_PER_EPOCH = 15
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def interrupt_at(run_dir: Path, step: int) -> subprocess.CompletedProcess[str]:
+    """Run training and send SIGUSR1 once it logs `step`, as Slurm would before a limit."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [*ARGS, "--run-dir", str(run_dir), "--log-every-n-steps", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_job", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    out = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if f" step {step}/" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, proc.returncode, "".join(out) + rest, err)
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path):
+    straight = cifar_job(*ARGS, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+
+    run_dir = tmp_path / "interrupted"
+    stopped = interrupt_at(run_dir, step=5)
+    assert stopped.returncode == 75, stopped.stderr  # saved, asking to be requeued
+    assert "SIGUSR1: saved" in stopped.stderr
+    saved = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    k = saved["global_step"]
+    assert 5 <= k < STEPS_PER_EPOCH and saved["epoch"] == 0  # mid-epoch
+    assert not (run_dir / "results.json").exists()
+
+    resumed = cifar_job(*ARGS, "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
+    assert [s["step"] for s in starts] == [None, k]
+    a, b = weights(tmp_path / "straight"), weights(run_dir)
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
