@@ -2,16 +2,15 @@
 
 submitit writes the sbatch script, pickles a TrainJob and runs it in every task of the job.
 Preemption goes through the same path as the sbatch templates: USR2 (submitit's signal) sets
-the Trainer's flag, all ranks save at the next step and raise Preempted, and then global rank
-0 requeues the job. The requeued job runs the same TrainJob, which resumes from the run
-directory. submitit's own handler (rank 0 calls checkpoint(), then requeues) only acts when
+the Trainer's flag, all ranks save at the next step and exit 75, and then the batch script
+requeues the job from the host. The requeued job runs the same TrainJob, which resumes from
+the run directory. submitit's own handler (rank 0 calls checkpoint(), then requeues) only acts when
 the signal comes before training has started or after it ended: then nothing new is lost.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import submitit
 
-from cifar_job import REQUEUE_EXIT, CifarJobError, Preempted
+from cifar_job import REQUEUE_EXIT, Preempted
 from cifar_job.config import TrainConfig
 
 
@@ -82,10 +81,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             return run(TrainConfig.from_dict(self.config))
         except Preempted as e:
             print(f"cifar-job: {e}", flush=True)
-            if int(os.environ.get("SLURM_PROCID", "0")) == 0:
-                requeue(self.max_requeues)
-            # SystemExit, not an exception: submitit then writes no result, so a client
-            # waiting on the job keeps waiting for the requeued run.
+            # Every rank exits 75; the batch script requeues (requeue_lines). SystemExit, not
+            # an exception: submitit then writes no result, so a client waiting on the job
+            # keeps waiting for the requeued run.
             sys.exit(REQUEUE_EXIT)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
@@ -93,16 +91,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.max_requeues))
 
 
-def requeue(max_requeues: int) -> None:
-    """Requeue this Slurm job, unless it has been requeued max_requeues times already."""
-    job_id, restarts = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    if restarts >= max_requeues:
-        raise CifarJobError(f"requeued {restarts} times already (--max-requeues); stopping")
-    print(
-        f"cifar-job: requeueing job {job_id} (restart {restarts + 1} of at most {max_requeues})",
-        flush=True,
-    )
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+def requeue_lines(max_requeues: int) -> list[str]:
+    """Shell lines for after submitit's srun: requeue the job if the step exited 75.
+
+    The requeue runs in the batch script on the host, as in slurm/requeue.sh, so it works
+    when the training runs in a container that has no scontrol.
+    """
+    return [
+        "rc=$?",
+        f'if [ "$rc" -eq {REQUEUE_EXIT} ]; then',
+        f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {max_requeues} ]; then',
+        f'    echo "cifar-job: requeued {max_requeues} times (--max-requeues); stopping" >&2',
+        "    exit 1",
+        "  fi",
+        '  echo "cifar-job: requeueing job ${SLURM_JOB_ID}"',
+        '  scontrol requeue "${SLURM_JOB_ID}"',
+        "  exit 0",
+        "fi",
+        'exit "$rc"',
+    ]
 
 
 def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecutor:
@@ -128,6 +135,7 @@ def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecu
         "time": time_minutes(slurm.time),
         "signal_delay_s": slurm.signal_delay_s,
         "srun_args": srun_args,
+        "teardown": requeue_lines(slurm.max_requeues),
         # --requeue: allow `scontrol requeue`; submitit already appends to its logs.
         "additional_parameters": {"requeue": True, **slurm.extra},
     }
