@@ -11,6 +11,7 @@ the signal comes before training has started or after it ended: then nothing new
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import submitit
 
-from cifar_job import REQUEUE_EXIT, Preempted
+from cifar_job import PREEMPTED_MARKER, REQUEUE_EXIT, Preempted
 from cifar_job.config import TrainConfig
 
 
@@ -91,15 +92,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.max_requeues))
 
 
-def requeue_lines(max_requeues: int) -> list[str]:
-    """Shell lines for after submitit's srun: requeue the job if the step exited 75.
+def requeue_lines(max_requeues: int, run_dir: str) -> list[str]:
+    """Shell lines for after submitit's srun: requeue the job if the ranks saved for it.
 
     The requeue runs in the batch script on the host, as in slurm/requeue.sh, so it works
-    when the training runs in a container that has no scontrol.
+    when the training runs in a container that has no scontrol. The marker file covers a
+    rank killed by --kill-on-bad-exit while it was exiting 75 after the others.
     """
+    marker = shlex.quote(f"{run_dir}/{PREEMPTED_MARKER}")
     return [
         "rc=$?",
-        f'if [ "$rc" -eq {REQUEUE_EXIT} ]; then',
+        f'if [ "$rc" -eq {REQUEUE_EXIT} ] || [ -e {marker} ]; then',
         f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {max_requeues} ]; then',
         f'    echo "cifar-job: requeued {max_requeues} times (--max-requeues); stopping" >&2',
         "    exit 1",
@@ -135,7 +138,7 @@ def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecu
         "time": time_minutes(slurm.time),
         "signal_delay_s": slurm.signal_delay_s,
         "srun_args": srun_args,
-        "teardown": requeue_lines(slurm.max_requeues),
+        "teardown": requeue_lines(slurm.max_requeues, cfg.run_dir),
         # --requeue: allow `scontrol requeue`; submitit already appends to its logs.
         "additional_parameters": {"requeue": True, **slurm.extra},
     }

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from cifar_job import CifarJobError, __version__
+from cifar_job import PREEMPTED_MARKER, CifarJobError, __version__
 from cifar_job.config import TrainConfig
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
@@ -41,6 +41,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     resume_from = find_resume_checkpoint(run_dir)
     if trainer.is_global_zero:
         record_start(run_dir, resume_from)
+        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this start handles it
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
         raise CifarJobError("training was interrupted; rerun the same command to resume")

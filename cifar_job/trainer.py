@@ -5,6 +5,7 @@ This module, launch.py and doctor.py are the only ones that know about clusters.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cifar_job import CifarJobError, Preempted
+from cifar_job import PREEMPTED_MARKER, CifarJobError, Preempted
 from cifar_job.config import TrainConfig
 
 # USR1: what the sbatch templates ask Slurm for (and Lightning's convention). USR2: submitit's.
@@ -148,6 +149,9 @@ class CheckpointOnSignal(Callback):
                 f"preempted again at step {trainer.global_step}, where this restart began; "
                 "not requeueing. Give the job more time per allocation."
             )
+        if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
+            marker = {"step": trainer.global_step, "signal": self.signalled}
+            (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
         trainer.save_checkpoint(self.run_dir / "last.ckpt")
         name = signal.Signals(self.signalled).name if self.signalled else "a signal on another rank"
         # An exception, not trainer.should_stop: stopping would still run the epoch-end

@@ -8,7 +8,7 @@
 #   -> `scontrol requeue` here -> the job restarts with the same id and run directory,
 #      and `cifar-job train` resumes from last.ckpt.
 #
-# Settings (environment): MAX_REQUEUES (default 10).
+# Settings (environment): MAX_REQUEUES (default 10); RUN_DIR, the run directory.
 
 REQUEUE_EXIT=75
 
@@ -27,11 +27,15 @@ run_requeueable() {
     kill -0 "$pid" 2>/dev/null || break
   done
   trap - USR1
-  if [ "$rc" -ne "$REQUEUE_EXIT" ] && { [ "$signalled" -eq 0 ] || [ "$rc" -eq 0 ]; }; then
+  # The ranks write RUN_DIR/preempted.json before they save for a requeue.
+  saved=0
+  if [ "$rc" -eq "$REQUEUE_EXIT" ] || [ -e "${RUN_DIR:-.}/preempted.json" ]; then saved=1; fi
+  if [ "$saved" -eq 0 ] && { [ "$signalled" -eq 0 ] || [ "$rc" -eq 0 ]; }; then
     return "$rc"  # finished, or failed on its own: no requeue
   fi
-  # Exit 75: saved. Signalled but died another way (e.g. before the handlers were in place):
-  # the previous checkpoint is still whole, so a requeue loses only the unsaved steps.
+  # Saved (exit 75, or a rank killed while exiting after the save). Signalled but died
+  # another way (e.g. before the handlers were in place): the previous checkpoint is still
+  # whole, so a requeue loses only the unsaved steps.
   if [ "$restarts" -ge "$max" ]; then
     echo "cifar-job: requeued ${restarts} times already (MAX_REQUEUES=${max}); stopping" >&2
     return 1

@@ -176,14 +176,15 @@ def test_sbatch_job_preempted_mid_epoch_resumes_at_the_same_step(cluster, tmp_pa
     subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True)
     assert wait_done(job) == "COMPLETED", log_path.read_text()
     log = log_path.read_text()
-    assert "requeueing job" in log and "start 2 on" in log
+    assert "requeueing job" in log and "start 2 on" in log, log[-3000:]
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
-    assert len(starts) == 2 and starts[1]["job_id"] == job
+    assert len(starts) == 2 and starts[1]["job_id"] == job, starts
     resumed = starts[1]["step"]
-    assert 12 <= resumed < STEPS_PER_EPOCH  # mid-epoch: not scratch, not the epoch start
-    assert f"saved {run_dir}/last.ckpt at step {resumed}" in log
+    assert 12 <= resumed < STEPS_PER_EPOCH, starts  # mid-epoch: not scratch, not epoch start
+    assert f"saved {run_dir}/last.ckpt at step {resumed}" in log, log[-3000:]
     assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH  # same total as an uninterrupted run
-    assert log.count("Exited with exit code 75") == 1  # every rank exited, none hung
+    assert log.count("Exited with exit code 75") == 1, log[-3000:]  # every rank exited
+    assert not (run_dir / "preempted.json").exists()  # the restart took it over
     assert_no_rank_left(run_dir)
 
 
@@ -277,6 +278,7 @@ def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
     assert len(starts) == 2 and 12 <= starts[1]["step"] < STEPS_PER_EPOCH
     assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH
+    assert not (run_dir / "preempted.json").exists()
     assert_no_rank_left(run_dir)
     info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
     assert info["state"] == "finished" and info["restarts"] == 1
