@@ -37,6 +37,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     series = read_epoch_metrics(run_dir)
@@ -52,6 +53,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             if points := series.get(key):
                 ax.plot(*zip(*points), marker="o", label=stage)
         ax.set(xlabel="epoch", ylabel=what, title=f"{'accuracy' if what == 'acc' else what}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if what == "loss":
+            ax.set_yscale("log")  # an early spike would flatten the rest of the curve
         ax.grid(alpha=0.3)
         ax.legend()
     if confusion:
