@@ -25,7 +25,7 @@ class Check:
 
 def environment() -> dict[str, Any]:
     """The cluster environment as Lightning will see it."""
-    from cifar_job.trainer import in_srun_step, tasks_per_node
+    from cifar_job.trainer import in_srun_step, slurm_nodes, tasks_per_node
 
     env = os.environ
     info: dict[str, Any] = {"slurm_job": env.get("SLURM_JOB_ID"), "srun_step": in_srun_step()}
@@ -33,7 +33,7 @@ def environment() -> dict[str, Any]:
         info |= {
             "job_name": env.get("SLURM_JOB_NAME"),
             "nodes": env.get("SLURM_JOB_NODELIST"),
-            "num_nodes": int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1),
+            "num_nodes": slurm_nodes(),
             "tasks_per_node": tasks_per_node(),
             "global_rank": env.get("SLURM_PROCID"),
             "local_rank": env.get("SLURM_LOCALID"),
@@ -72,7 +72,7 @@ def checks(
     devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
 ) -> list[Check]:
     """Preflight checks; each failed one says how to fix it."""
-    from cifar_job.trainer import parse_devices
+    from cifar_job.trainer import layout_problems
 
     info = environment()
     found: list[Check] = []
@@ -88,30 +88,21 @@ def checks(
             )
         )
         tasks, nodes = info["tasks_per_node"], info["num_nodes"]
-        wanted = parse_devices(devices)
-        count = len(wanted) if isinstance(wanted, list) else wanted
+        problems = layout_problems(devices, num_nodes, tasks, nodes)
         found.append(
             Check(
                 "devices",
-                count in ("auto", tasks),
+                problems["devices"] is None,
                 f"Slurm runs {tasks} tasks per node and --devices is {devices}"
-                + (
-                    ""
-                    if count in ("auto", tasks)
-                    else f": give sbatch --ntasks-per-node={count}, or --devices {tasks}"
-                ),
+                + (f": {problems['devices']}" if problems["devices"] else ""),
             )
         )
         found.append(
             Check(
                 "nodes",
-                num_nodes in (1, nodes),
+                problems["nodes"] is None,
                 f"Slurm gave {nodes} nodes and --num-nodes is {num_nodes}"
-                + (
-                    ""
-                    if num_nodes in (1, nodes)
-                    else f": give sbatch --nodes={num_nodes}, or --num-nodes {nodes}"
-                ),
+                + (f": {problems['nodes']}" if problems["nodes"] else ""),
             )
         )
         if accelerator == "gpu":

@@ -114,7 +114,6 @@ class CheckpointOnSignal(Callback):
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.signalled: int | None = None
-        self.start_step = 0
         self._previous: dict[int, Any] = {}
 
     def _flag(self, signum: int, frame: Any) -> None:
@@ -130,9 +129,6 @@ class CheckpointOnSignal(Callback):
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start_step = trainer.global_step
-
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -143,12 +139,8 @@ class CheckpointOnSignal(Callback):
     ) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
             return
-        if trainer.global_step <= self.start_step:
-            # Nothing gained since the restart: requeueing again would loop without end.
-            raise CifarJobError(
-                f"preempted again at step {trainer.global_step}, where this restart began; "
-                "not requeueing. Give the job more time per allocation."
-            )
+        # No "made no progress" check here: the flag is read after a finished step, so every
+        # save is ahead of the restart's start. The launchers' requeue budget ends loops.
         if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
             marker = {"step": trainer.global_step, "signal": self.signalled}
             (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
@@ -187,20 +179,41 @@ def slurm_layout(cfg: TrainConfig) -> tuple[int | str | list[int], int]:
     devices = parse_devices(cfg.devices)
     if not in_srun_step():
         return devices, cfg.num_nodes
-    nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
-    tasks = tasks_per_node()
-    count = len(devices) if isinstance(devices, list) else devices
-    if count not in ("auto", tasks):
+    tasks, nodes = tasks_per_node(), slurm_nodes()
+    problems = layout_problems(cfg.devices, cfg.num_nodes, tasks, nodes)
+    if problems["devices"]:
         raise CifarJobError(
-            f"--devices {cfg.devices} disagrees with Slurm's {tasks} tasks per node: give "
-            f"sbatch --ntasks-per-node={count} or leave --devices auto (one task per device)"
+            f"--devices {cfg.devices} disagrees with Slurm's {tasks} tasks per node: "
+            + problems["devices"]
         )
-    if cfg.num_nodes not in (1, nodes):
+    if problems["nodes"]:
         raise CifarJobError(
-            f"--num-nodes {cfg.num_nodes} disagrees with Slurm's {nodes} nodes: give sbatch "
-            f"--nodes={cfg.num_nodes} or leave --num-nodes out"
+            f"--num-nodes {cfg.num_nodes} disagrees with Slurm's {nodes} nodes: "
+            + problems["nodes"]
         )
     return (tasks if devices == "auto" else devices), nodes
+
+
+def layout_problems(devices: str, num_nodes: int, tasks: int, nodes: int) -> dict[str, str | None]:
+    """The fix for --devices and for --num-nodes against Slurm's tasks and nodes, or None.
+
+    One place for the rule that training enforces and `cifar-job doctor` reports.
+    """
+    wanted = parse_devices(devices)
+    count = len(wanted) if isinstance(wanted, list) else wanted
+    return {
+        "devices": None
+        if count in ("auto", tasks)
+        else f"give sbatch --ntasks-per-node={count}, or --devices {tasks} (auto: one per task)",
+        "nodes": None
+        if num_nodes in (1, nodes)
+        else f"give sbatch --nodes={num_nodes}, or --num-nodes {nodes} (or leave it out)",
+    }
+
+
+def slurm_nodes() -> int:
+    """How many nodes the Slurm job has."""
+    return int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
 
 
 def in_srun_step() -> bool:
