@@ -17,7 +17,7 @@ from cifar_job import PREEMPTED_MARKER, CifarJobError, __version__
 from cifar_job.config import TrainConfig
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
-from cifar_job.trainer import CheckpointOnSignal, build_trainer, job_id
+from cifar_job.trainer import CheckpointOnSignal, build_trainer, end_process_group, job_id
 
 RESULTS = "results.json"
 # What makes two runs incompatible: resuming one as the other would load the wrong weights.
@@ -33,6 +33,14 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     run_dir = prepare_run_dir(cfg)
     if (finished := finished_results(run_dir, cfg)) is not None:
         return finished
+    try:
+        return fit_and_test(cfg, run_dir)
+    finally:
+        end_process_group()
+
+
+def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """Build, fit (resuming), test the best checkpoint and write the results."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = CifarClassifier(cfg.to_dict())

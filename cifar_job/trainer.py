@@ -312,3 +312,14 @@ def build_eval_trainer(accelerator: str = "auto", progress: bool | None = None) 
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
+
+
+def end_process_group() -> None:
+    """Tear down the DDP process group, if any, before the process exits.
+
+    Lightning leaves it up; gloo's threads then met interpreter shutdown and aborted the
+    tasks ("terminate called without an active exception") after a finished run, which
+    Slurm reports as a failed job (seen once in the sbatch test).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
