@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import pickle
+
+import pytest
 import torch
+from conftest import batch_bytes
 
 from cifar_job.data import (
+    FOLDER,
     MEAN,
     STD,
+    TEST_BATCHES,
+    TRAIN_BATCHES,
     CIFAR10DataModule,
     ShardSampler,
     augment,
+    load_split,
     make_synthetic,
     normalize,
 )
@@ -139,3 +147,30 @@ def test_tensor_loader_resumes_mid_epoch_with_the_unseen_batches():
     resumed = list(dm.train_dataloader())
     assert len(resumed) == len(full) - 4
     assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, full[4:]))
+
+
+def test_batch_files_load_pixel_for_pixel_from_arrays_and_from_bytes(tmp_path):
+    """The official files hold numpy arrays (wrapped as they lie); a re-pickled copy may hold
+    bytes (read-only, copied). Both must give back exactly the images and labels written."""
+    images, labels = make_synthetic(60, seed=3)
+    folder = tmp_path / FOLDER
+    folder.mkdir()
+    parts = [slice(i * 12, (i + 1) * 12) for i in range(5)]
+    for name, part in zip(TRAIN_BATCHES, parts, strict=True):
+        data = batch_bytes(images[part], labels[part].tolist(), name)
+        if name == "data_batch_2":
+            entry = pickle.loads(data)
+            entry[b"data"] = entry[b"data"].tobytes()
+            data = pickle.dumps(entry)
+        (folder / name).write_bytes(data)
+    (folder / TEST_BATCHES[0]).write_bytes(batch_bytes(images[:7], labels[:7].tolist(), "t"))
+    got_images, got_labels = load_split(tmp_path, train=True)
+    assert torch.equal(got_images, images) and torch.equal(got_labels, labels)
+    test_images, test_labels = load_split(tmp_path, train=False)
+    assert torch.equal(test_images, images[:7]) and torch.equal(test_labels, labels[:7])
+
+
+@pytest.mark.parametrize("option, value", [("loader", "device"), ("dataset", "cifar100")])
+def test_unknown_loader_or_dataset_is_refused(option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be one of"):
+        CIFAR10DataModule(**{option: value})

@@ -105,6 +105,7 @@ def test_truncated_archive_is_reported(tmp_path, archive):
         ("wrong_shape", "expected N x 3072 bytes"),
         ("bad_labels", "labels must be 0..9"),
         ("not_a_batch", "is not a CIFAR-10 batch file"),
+        ("not_bytes", "image data is not a byte array"),
         ("missing_batch", "is missing"),
     ],
 )
@@ -117,6 +118,8 @@ def test_damaged_batches_are_reported(tmp_path, case, expected):
         batches["test_batch"] = batch_bytes(
             torch.zeros(2, 3, 32, 32, dtype=torch.uint8), [3, 12], "x"
         )
+    elif case == "not_bytes":
+        batches["data_batch_1"] = pickle.dumps({b"data": [0] * 3072, b"labels": [1]})
     elif case == "not_a_batch":
         batches["data_batch_5"] = b"this is not a pickle"
     else:
