@@ -3,6 +3,7 @@ resumed run continues with exactly the batches it had left."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -39,6 +40,15 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
+def metrics(run_dir: Path, version: int) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(run_dir / "logs" / f"version_{version}" / "metrics.csv")))
+
+
+def epoch_value(rows: list[dict[str, str]], key: str, epoch: int) -> float:
+    (value,) = [float(r[key]) for r in rows if r["epoch"] == str(epoch) and r.get(key)]
+    return value
+
+
 def interrupt_at(run_dir: Path, step: int) -> subprocess.CompletedProcess[str]:
     """Run training and send SIGUSR1 once it logs `step`, as Slurm would before a limit."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -62,7 +72,7 @@ def interrupt_at(run_dir: Path, step: int) -> subprocess.CompletedProcess[str]:
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
-    straight = cifar_job(*ARGS, "--run-dir", str(tmp_path / "straight"))
+    straight = cifar_job(*ARGS, "--run-dir", str(tmp_path / "straight"), "--log-every-n-steps", "1")
     assert straight.returncode == 0, straight.stderr
 
     run_dir = tmp_path / "interrupted"
@@ -84,3 +94,18 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     different = [name for name in a if not torch.equal(a[name], b[name])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+    # The interrupted epoch's training figures cover all of it: the sums so far travel in
+    # the checkpoint. They equal the uninterrupted run's, which equal the mean of its steps'
+    # values (equal batches). Without the sums, they would cover only the steps after k.
+    after, plain = metrics(run_dir, 1), metrics(tmp_path / "straight", 0)
+    for key in ("loss", "acc"):
+        steps = [
+            float(r[f"train/{key}_step"])
+            for r in plain
+            if r["epoch"] == "0" and r.get(f"train/{key}_step")
+        ]
+        assert len(steps) == STEPS_PER_EPOCH
+        value = epoch_value(after, f"train/{key}_epoch", 0)
+        assert value == pytest.approx(epoch_value(plain, f"train/{key}_epoch", 0), rel=1e-5)
+        assert value == pytest.approx(sum(steps) / len(steps), rel=1e-5)
