@@ -109,12 +109,24 @@ class CheckpointOnSignal(Callback):
     After every optimizer step the ranks agree on the flag (one tiny all-reduce), so they all
     save the same step and stop together, raising Preempted (exit 75 from the CLI).
     Requeueing is the launcher's job, not this one's.
+
+    The all-reduce runs on a CPU tensor in a gloo group of its own. On the training backend
+    (Lightning's reduce_boolean_decision: NCCL on GPUs) it would make the host wait for each
+    step's kernels to finish, and the GPU would then idle while the next step is launched.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.signalled: int | None = None
         self._previous: dict[int, Any] = {}
+        self.group: Any = None
+
+    def any_rank_signalled(self) -> bool:
+        if self.group is None:
+            return self.signalled is not None
+        flag = torch.tensor([int(self.signalled is not None)], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, group=self.group)  # host memory, never the GPU
+        return bool(flag.item())
 
     def _flag(self, signum: int, frame: Any) -> None:
         self.signalled = signum
@@ -123,11 +135,16 @@ class CheckpointOnSignal(Callback):
         if stage == "fit":
             for sig in PREEMPT_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._flag)
+            if trainer.world_size > 1 and torch.distributed.is_initialized():
+                self.group = torch.distributed.new_group(backend="gloo")  # every rank calls it
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self.group is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group(self.group)
+        self.group = None
 
     def on_train_batch_end(
         self,
@@ -137,7 +154,7 @@ class CheckpointOnSignal(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.signalled is not None, all=False):
+        if not self.any_rank_signalled():
             return
         # No "made no progress" check here: the flag is read after a finished step, so every
         # save is ahead of the restart's start. The launchers' requeue budget ends loops.
