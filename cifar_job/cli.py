@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from cifar_job import REQUEUE_EXIT, CifarJobError, Preempted, __version__
-from cifar_job.config import TrainConfig, dashed, load_config_file
+from cifar_job.config import DATASETS, TrainConfig, dashed, load_config_file
 
 ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
 FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
@@ -370,9 +370,7 @@ def status(run_dir: str, as_json: bool) -> None:
     envvar="CIFAR_JOB_DATA_DIR",
     help="The CIFAR-10 directory to check.",
 )
-@click.option(
-    "--dataset", default="cifar10", type=click.Choice(["cifar10", "synthetic"]), help="Dataset."
-)
+@click.option("--dataset", default="cifar10", type=click.Choice(DATASETS), help="Dataset.")
 def doctor(
     devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
 ) -> None:

@@ -20,6 +20,9 @@ SCHEDULERS = ("none", "step", "exponential", "cosine", "onecycle", "cyclic", "pl
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 DATASETS = ("cifar10", "synthetic")
 LOADERS = ("tensor", "torch")
+# CIFAR-10's classes in label order. Here, not in data.py, so that `plot` and `status` do not
+# import torch and Lightning for their names.
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from cifar_job import CifarJobError
-from cifar_job.data import CLASSES
+from cifar_job.config import CLASSES
 
 
 def metrics_files(run_dir: Path) -> list[Path]:

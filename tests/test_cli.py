@@ -32,15 +32,34 @@ def test_every_command_is_documented_in_readme():
         assert f"cifar-job {command}" in readme, f"README does not show `cifar-job {command}`"
 
 
-def test_help_does_not_import_torch():
+def heavy_imports(*args: str) -> list[str]:
+    """Run `cifar-job ARGS` in a fresh interpreter; the heavy modules it imported."""
     code = (
         "import sys; from cifar_job.cli import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules]\n"
-        "assert not heavy, heavy"
+        f"try:\n    main({list(args)!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print([m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"'))
+
+
+def test_help_does_not_import_torch():
+    assert heavy_imports("--help") == []
+
+
+def test_plot_does_not_import_torch(tmp_path):
+    """Plotting reads CSV and JSON; importing torch and Lightning took it from 1 s to 10 s."""
+    logs = tmp_path / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text(
+        "epoch,step,train/loss_epoch,train/acc_epoch,val/loss,val/acc\n"
+        "0,9,2.0,0.3,1.9,0.35\n1,19,1.5,0.5,1.4,0.55\n"
+    )
+    confusion = [[5 if i == j else 0 for j in range(10)] for i in range(10)]
+    (tmp_path / "results.json").write_text(json.dumps({"test/confusion": confusion}))
+    assert heavy_imports("plot", str(tmp_path)) == []
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_train_options_show_their_defaults():
