@@ -140,9 +140,8 @@ def train(print_config: bool, **values: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
 def test(ckpt: str, data_dir: str | None, accelerator: str, batch_size: int, as_json: bool) -> None:
     """Evaluate a checkpoint on the test set (of the dataset it was trained on)."""
-    from cifar_job.inference import evaluate, load_checkpoint
+    from cifar_job.inference import evaluate
 
-    data_dir = data_dir or load_checkpoint(ckpt)[1].data_dir
     metrics = evaluate(ckpt, data_dir, accelerator, batch_size)
     if as_json:
         click.echo(json.dumps(metrics))

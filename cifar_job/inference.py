@@ -78,18 +78,19 @@ def predict(
 
 def evaluate(
     ckpt_path: str | Path,
-    data_dir: str,
+    data_dir: str | None = None,
     accelerator: str = "auto",
     batch_size: int = 256,
     progress: bool | None = None,
 ) -> dict[str, float]:
-    """Test-set metrics of a checkpoint, on the data it was trained on (or another data_dir)."""
+    """Test-set metrics of a checkpoint, on the data it was trained on (or on data_dir)."""
     from cifar_job.module import CifarClassifier
     from cifar_job.train import build_datamodule
     from cifar_job.trainer import build_eval_trainer
 
     net, cfg = load_checkpoint(ckpt_path)
-    cfg.data_dir, cfg.batch_size, cfg.pretrained, cfg.download = data_dir, batch_size, False, False
+    cfg.data_dir = data_dir or cfg.data_dir
+    cfg.batch_size, cfg.pretrained, cfg.download = batch_size, False, False
     model = CifarClassifier(cfg.to_dict())
     model.net = net
     trainer = build_eval_trainer(accelerator, progress)
