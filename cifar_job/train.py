@@ -46,9 +46,9 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     model = CifarClassifier(cfg.to_dict())
     # On a preemption signal, fit saves and raises Preempted: the CLI exits 75 for a requeue.
     trainer = build_trainer(cfg, run_dir, callbacks=[CheckpointOnSignal(run_dir)])
-    resume_from = find_resume_checkpoint(run_dir)
+    resume_from, resume_step = find_resume_checkpoint(run_dir)
     if trainer.is_global_zero:
-        record_start(run_dir, resume_from)
+        record_start(run_dir, resume_from, resume_step)
         (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this start handles it
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
@@ -124,18 +124,19 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return {**results, "already_finished": True}
 
 
-def find_resume_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint in run_dir that loads; corrupt ones are skipped with a warning."""
+def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
+    """The newest checkpoint in run_dir that loads, and its step; (None, None) if there is
+    none. Corrupt ones are skipped with a warning."""
     candidates = sorted(run_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if "state_dict" in ckpt and "loops" in ckpt:
-                return str(path)
+                return str(path), ckpt.get("global_step")
         except Exception as e:  # a truncated file raises whatever the unpickler hits first
             warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
             continue
-    return None
+    return None, None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -152,14 +153,9 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
     return {"version": __version__, "git_sha": git_sha(), "starts": []}
 
 
-def record_start(run_dir: Path, resume_from: str | None) -> None:
+def record_start(run_dir: Path, resume_from: str | None, step: int | None) -> None:
     """Append this start (time, job id, checkpoint and step resumed from) to manifest.json."""
     manifest = _manifest(run_dir)
-    step = None
-    if resume_from:
-        step = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True).get(
-            "global_step"
-        )
     manifest["starts"].append(
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
