@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from common import bare_trainer
 
 from cifar_job.config import TrainConfig
 from cifar_job.module import CifarClassifier
@@ -88,20 +89,12 @@ def measure(loader: str, compile: bool, per_step_sync: bool, smoke: bool) -> Ste
     )
     timer = StepTimer(warmup, per_step_sync)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
+        trainer = bare_trainer(
+            [timer],
             accelerator="cpu" if smoke else "gpu",
-            devices=1,
             precision="bf16-mixed",
             max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
             default_root_dir=tmp,
-            callbacks=[timer],
         )
         trainer.fit(CifarClassifier(cfg.to_dict()), datamodule=build_datamodule(cfg))
     return timer

@@ -39,11 +39,13 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from common import bare_trainer
 
 from cifar_job.config import TrainConfig
-from cifar_job.data import CIFAR10DataModule, augment, normalize
+from cifar_job.data import augment, normalize
 from cifar_job.model import build_network
 from cifar_job.module import CifarClassifier, build_optimizer, build_schedule
+from cifar_job.train import build_datamodule
 
 CFG = TrainConfig(
     dataset="synthetic",
@@ -57,16 +59,6 @@ CFG = TrainConfig(
 warnings.filterwarnings("ignore")
 
 
-def datamodule() -> CIFAR10DataModule:
-    return CIFAR10DataModule(
-        dataset="synthetic",
-        synthetic_size=CFG.synthetic_size,
-        val_size=CFG.val_size,
-        batch_size=CFG.batch_size,
-        num_workers=0,
-    )
-
-
 def linear() -> torch.nn.Module:
     """A stand-in network that costs next to nothing, so that the loops' own cost shows."""
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
@@ -74,7 +66,7 @@ def linear() -> torch.nn.Module:
 
 def plain_loop(epochs: int, loop_only: bool) -> Callable[[], float]:
     """One step of a plain PyTorch training loop per call; returns its wall time."""
-    dm = datamodule()
+    dm = build_datamodule(CFG)
     dm.setup("fit")
     loader = dm.train_dataloader()
     net = (linear() if loop_only else build_network(CFG.arch, CFG.stem)).train()
@@ -153,23 +145,11 @@ def measure(
     """Per-step wall times of ours and of the plain loop, paired, and the steps per epoch."""
     torch.manual_seed(0)
     probe = Interleave(plain_loop(epochs, loop_only), delay)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=[probe],
-    )
+    trainer = bare_trainer([probe], accelerator="cpu", max_epochs=epochs)
     module = CifarClassifier(CFG.to_dict())
     if loop_only:
         module.net = linear()
-    trainer.fit(module, datamodule=datamodule())
+    trainer.fit(module, datamodule=build_datamodule(CFG))
     steps_per_epoch = trainer.num_training_batches
     # The last step has no next start to close it; pair step i of ours with plain step i.
     n = len(probe.ours)
