@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batch_bytes, cifar_job, make_archive
+from conftest import N_TEST, batch_bytes, cifar_job, make_archive
 
-from cifar_job.data import FOLDER, load_split
+from cifar_job.data import FOLDER, load_split, make_synthetic
 
 
 @pytest.fixture()
@@ -56,7 +56,9 @@ def test_download_from_file_url(tmp_path, archive):
         "download", "--data-dir", str(tmp_path), "--url", archive[0].as_uri(), "--md5", archive[1]
     )
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / FOLDER / "test_batch").exists()
+    images, labels = load_split(tmp_path, train=False)  # the archive's own test images
+    expected_images, expected_labels = make_synthetic(N_TEST, seed=7, split="test")
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
 
 
 def test_offline_download_says_what_to_do(tmp_path):
