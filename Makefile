@@ -68,6 +68,7 @@ bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench
 	$(PY) bench/data_path.py
 	$(PY) bench/lightning_overhead.py 2>/dev/null
 	$(PY) bench/ddp_cpu.py
+	$(PY) bench/checkpoint_cost.py 2>/dev/null
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 

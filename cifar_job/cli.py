@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cifar_job import REQUEUE_EXIT, CifarJobError, Preempted, __version__
+from cifar_job import CifarJobError, Preempted, __version__
 from cifar_job.config import DATASETS, TrainConfig, dashed, load_config_file
 
 ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
@@ -25,9 +25,9 @@ class Cli(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except Preempted as e:  # not an error: the launcher requeues on this exit status
+        except Preempted as e:  # saved; the exit status tells the launcher what to do next
             click.echo(f"cifar-job: {e}", err=True)
-            ctx.exit(REQUEUE_EXIT)
+            ctx.exit(e.exit_code)
         except CifarJobError as e:
             raise click.ClickException(str(e)) from None
         except ValueError as e:
@@ -264,7 +264,8 @@ def _sbatch_pairs(
     "--max-requeues",
     default=10,
     type=click.IntRange(min=0),
-    help="Requeues after preemption or time limit before giving up.",
+    help="Requeues at the time limit before giving up (Slurm's own requeues on preemption "
+    "do not count).",
 )
 @click.option(
     "--sbatch",
@@ -279,9 +280,11 @@ def _sbatch_pairs(
 def submit(**values: Any) -> None:
     """Submit `cifar-job train` to Slurm through submitit, from a login node.
 
-    Train options pass through. Tasks, nodes and devices agree by construction, the job
-    saves and requeues itself on preemption or at its time limit (up to --max-requeues
-    times), and it resumes in the same --run-dir. Follow a run with `cifar-job status`.
+    Train options pass through. Tasks, nodes and devices agree by construction. The job
+    saves and requeues itself at its time limit (up to --max-requeues times), saves and lets
+    Slurm decide on preemption, scancel or an admin's requeue, saves every
+    --checkpoint-every minutes, and resumes in the same --run-dir. Follow it with
+    `cifar-job status`.
     """
     slurm_keys = (
         "nodes",

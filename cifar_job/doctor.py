@@ -52,12 +52,17 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def batch_script(job_id: str) -> str | None:
-    """The job's batch script as Slurm stored it, or None (no scontrol, or not a batch job)."""
+def job_info(job_id: str) -> str | None:
+    """`scontrol show job -o` for the job, or None where there is no scontrol."""
     if not shutil.which("scontrol"):
         return None
-    job = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    if "BatchFlag=1" not in job.stdout:  # srun or salloc: there is no batch script
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+def batch_script(job_id: str, info: str) -> str | None:
+    """The job's batch script as Slurm stored it, or None (not a batch job, or unreadable)."""
+    if "BatchFlag=1" not in info:  # srun or salloc: there is no batch script
         return None
     out = subprocess.run(
         ["scontrol", "write", "batch_script", job_id, "-"],
@@ -116,7 +121,22 @@ def checks(
                     + ("" if enough else ": ask for --gpus-per-node equal to --ntasks-per-node"),
                 )
             )
-        script = batch_script(info["slurm_job"])
+        job = job_info(info["slurm_job"])
+        if job is not None:
+            # Slurm requeues a job on a lost node or a preemption only if it may be requeued.
+            requeue = "Requeue=1" in job
+            found.append(
+                Check(
+                    "requeue",
+                    requeue,
+                    "the job may be requeued, so a lost node or a preemption resumes it"
+                    if requeue
+                    else "the job cannot be requeued: add `#SBATCH --requeue` (the cluster's "
+                    "JobRequeue=0 makes that the default), or a lost node or a preemption "
+                    "ends the run instead of resuming it",
+                )
+            )
+        script = batch_script(info["slurm_job"], job) if job is not None else None
         if script is not None:
             has_signal = "--signal" in script
             found.append(

@@ -1,11 +1,16 @@
 """The submitit launcher: `cifar-job submit` from a login node.
 
 submitit writes the sbatch script, pickles a TrainJob and runs it in every task of the job.
-Preemption goes through the same path as the sbatch templates: USR2 (submitit's signal) sets
-the Trainer's flag, all ranks save at the next step and exit 75, and then the batch script
-requeues the job from the host. The requeued job runs the same TrainJob, which resumes from
-the run directory. submitit's own handler (rank 0 calls checkpoint(), then requeues) only acts when
-the signal comes before training has started or after it ended: then nothing new is lost.
+Stops go through the same protocol as the sbatch templates (checkpoints.py, requeue.sh): USR2
+(submitit's time-limit signal) or SIGTERM reaches every rank, the ranks save at the next step
+and exit, and the batch script, sourcing the templates' requeue.sh, requeues the job from the
+host or leaves it to Slurm. The requeued job runs the same TrainJob, which resumes from the
+run directory.
+
+One requeue owner: the batch script. TrainJob is not a submitit `Checkpointable`, and the
+training process replaces submitit's signal handlers with its own at once. submitit's way
+(rank 0 alone calls `checkpoint()` from the handler, then requeues) cannot save under DDP,
+where a save needs every rank, and it ignores SIGTERM, which is what preemption sends.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from typing import Any
 
 import submitit
 
-from cifar_job import PREEMPTED_MARKER, REQUEUE_EXIT, Preempted
+from cifar_job import Preempted
 from cifar_job.config import TrainConfig
+
+# The batch-script half of the protocol, shipped in the package (slurm/requeue.sh links to it).
+REQUEUE_SCRIPT = Path(__file__).with_name("requeue.sh")
 
 
 @dataclass
@@ -69,59 +77,41 @@ def time_minutes(text: str) -> int:
     return max((seconds + 59) // 60, 1)
 
 
-class TrainJob(submitit.helpers.Checkpointable):
+class TrainJob:
     """`cifar-job train` with one config, run by submitit in every task of a job."""
 
-    def __init__(self, config: dict[str, Any], max_requeues: int) -> None:
-        self.config, self.max_requeues = config, max_requeues
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
 
     def __call__(self) -> dict[str, Any] | None:
+        from cifar_job import checkpoints
         from cifar_job.train import run
 
+        checkpoints.install_signal_handlers()  # before submitit's can act on a stop
         try:
             return run(TrainConfig.from_dict(self.config))
         except Preempted as e:
             print(f"cifar-job: {e}", flush=True)
-            # Every rank exits 75; the batch script requeues (requeue_lines). SystemExit, not
-            # an exception: submitit then writes no result, so a client waiting on the job
-            # keeps waiting for the requeued run.
-            sys.exit(REQUEUE_EXIT)
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Requeue with the same job: it resumes from the run directory's last checkpoint."""
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.max_requeues))
+            # SystemExit, not an exception: submitit then writes no result, so a client
+            # waiting on the job keeps waiting for the requeued run.
+            sys.exit(e.exit_code)
 
 
-def requeue_lines(max_requeues: int, run_dir: str) -> list[str]:
-    """Shell lines for after submitit's srun: requeue the job if the ranks saved for it.
-
-    The requeue runs in the batch script on the host, as in slurm/requeue.sh, so it works
-    when the training runs in a container that has no scontrol. The marker file covers a
-    rank killed by --kill-on-bad-exit while it was exiting 75 after the others.
-    """
-    marker = shlex.quote(f"{run_dir}/{PREEMPTED_MARKER}")
-    return [
-        "rc=$?",
-        f'if [ "$rc" -eq {REQUEUE_EXIT} ] || [ -e {marker} ]; then',
-        f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -ge {max_requeues} ]; then',
-        f'    echo "cifar-job: requeued {max_requeues} times (--max-requeues); stopping" >&2',
-        "    exit 1",
-        "  fi",
-        '  echo "cifar-job: requeueing job ${SLURM_JOB_ID}"',
-        '  scontrol requeue "${SLURM_JOB_ID}"',
-        "  exit 0",
-        "fi",
-        'exit "$rc"',
+def batch_lines(slurm: SlurmOptions, run_dir: str) -> tuple[list[str], list[str]]:
+    """The batch script's lines before and after submitit's srun: requeue.sh's protocol."""
+    setup = [
+        f"export RUN_DIR={shlex.quote(run_dir)} MAX_REQUEUES={slurm.max_requeues}",
+        f"source {shlex.quote(str(REQUEUE_SCRIPT))}",
+        "cifar_job_before_step",
     ]
+    return setup, ["cifar_job_after_step $?", 'exit "$?"']
 
 
 def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecutor:
     """A SlurmExecutor whose tasks, nodes and signal fit the Trainer by construction."""
     folder = Path(cfg.run_dir) / "submitit"
     python = "python3" if slurm.container_image else None  # the image's own Python
-    executor = submitit.SlurmExecutor(
-        folder=folder, python=python, max_num_timeout=slurm.max_requeues
-    )
+    executor = submitit.SlurmExecutor(folder=folder, python=python)
     srun_args = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others hanging
     if slurm.container_image:
         cwd = os.getcwd()
@@ -130,6 +120,7 @@ def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecu
             f"--container-mounts={cwd}:{cwd}",
             f"--container-workdir={cwd}",
         ]
+    setup, teardown = batch_lines(slurm, cfg.run_dir)
     params: dict[str, Any] = {
         "job_name": slurm.job_name,
         "nodes": slurm.nodes,
@@ -138,7 +129,8 @@ def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecu
         "time": time_minutes(slurm.time),
         "signal_delay_s": slurm.signal_delay_s,
         "srun_args": srun_args,
-        "teardown": requeue_lines(slurm.max_requeues, cfg.run_dir),
+        "setup": setup,
+        "teardown": teardown,
         # --requeue: allow `scontrol requeue`; submitit already appends to its logs.
         "additional_parameters": {"requeue": True, **slurm.extra},
     }
@@ -166,4 +158,4 @@ def sbatch_text(cfg: TrainConfig, slurm: SlurmOptions) -> str:
 def submit(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.Job:
     """Submit the training job and return its handle."""
     executor = build_executor(absolute(cfg), slurm)
-    return executor.submit(TrainJob(cfg.to_dict(), slurm.max_requeues))
+    return executor.submit(TrainJob(cfg.to_dict()))

@@ -6,18 +6,16 @@ import json
 import os
 import subprocess
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
-from cifar_job import PREEMPTED_MARKER, CifarJobError, __version__
+from cifar_job import CifarJobError, __version__, checkpoints
 from cifar_job.config import TrainConfig
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
-from cifar_job.trainer import CheckpointOnSignal, build_trainer, end_process_group, job_id
+from cifar_job.trainer import build_trainer, end_process_group, job_id
 
 RESULTS = "results.json"
 # What makes two runs incompatible: resuming one as the other would load the wrong weights.
@@ -30,6 +28,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     Returns the test results on global rank 0, None on the other ranks.
     """
     cfg.validate()
+    checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
     run_dir = prepare_run_dir(cfg)
     if (finished := finished_results(run_dir, cfg)) is not None:
         return finished
@@ -44,12 +43,15 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = CifarClassifier(cfg.to_dict())
-    # On a preemption signal, fit saves and raises Preempted: the CLI exits 75 for a requeue.
-    trainer = build_trainer(cfg, run_dir, callbacks=[CheckpointOnSignal(run_dir)])
-    resume_from, resume_step = find_resume_checkpoint(run_dir)
+    # Each rank looks; rank 0's choice is the one every rank loads (CheckpointPolicy.setup).
+    resume_from, resume_step = checkpoints.find_resume_checkpoint(run_dir)
+    # On a stop signal fit saves and raises Preempted; it also saves every cfg.checkpoint_every.
+    policy = checkpoints.CheckpointPolicy(run_dir, cfg.checkpoint_every, resume_from)
+    trainer = build_trainer(cfg, run_dir, callbacks=[policy])
     if trainer.is_global_zero:
         record_start(run_dir, resume_from, resume_step)
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # this start handles it
+        (run_dir / checkpoints.MARKER).unlink(missing_ok=True)  # this start handles it
+        checkpoints.remove_stale_writes(run_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
         raise CifarJobError("training was interrupted; rerun the same command to resume")
@@ -122,21 +124,6 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     if results.get("max_epochs") != cfg.max_epochs:
         return None  # asked for more (or fewer) epochs: train on from last.ckpt
     return {**results, "already_finished": True}
-
-
-def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
-    """The newest checkpoint in run_dir that loads, and its step; (None, None) if there is
-    none. Corrupt ones are skipped with a warning."""
-    candidates = sorted(run_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if "state_dict" in ckpt and "loops" in ckpt:
-                return str(path), ckpt.get("global_step")
-        except Exception as e:  # a truncated file raises whatever the unpickler hits first
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
-            continue
-    return None, None
 
 
 def write_json(path: Path, data: Any) -> None:

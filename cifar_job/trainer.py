@@ -1,16 +1,14 @@
 """build_trainer(cfg): devices, nodes, strategy, precision, callbacks, loggers, cluster env.
 
-This module, launch.py and doctor.py are the only ones that know about clusters.
+This module, checkpoints.py, launch.py and doctor.py are the only ones that know about
+clusters. How a run stops, saves and resumes is checkpoints.py's alone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -18,45 +16,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cifar_job import PREEMPTED_MARKER, CifarJobError, Preempted
+from cifar_job import CifarJobError
+from cifar_job.checkpoints import LAST, AtomicCheckpointIO
 from cifar_job.config import TrainConfig
-
-# USR1: what the sbatch templates ask Slurm for (and Lightning's convention). USR2: submitit's.
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-
 
 # ModelCheckpoint writes into the run directory, which a resumed run has filled already.
 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file beside it, fsyncs, then renames it into place.
-
-    A job killed mid-write (preemption, OOM, time limit) leaves the previous checkpoint whole.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
-    ) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; others in the project may read it
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 class LogLines(Callback):
@@ -99,76 +69,6 @@ class LogLines(Callback):
                 f"val/loss {float(m['val/loss']):.4f} val/acc {float(m['val/acc']):.4f}",
                 flush=True,
             )
-
-
-class CheckpointOnSignal(Callback):
-    """Saves last.ckpt on all ranks together after a preemption signal, then stops training.
-
-    The handler only sets a flag: saving from inside it would deadlock under DDP, since
-    `Trainer.save_checkpoint` ends in a barrier that ranks without the signal never reach.
-    After every optimizer step the ranks agree on the flag (one tiny all-reduce), so they all
-    save the same step and stop together, raising Preempted (exit 75 from the CLI).
-    Requeueing is the launcher's job, not this one's.
-
-    The all-reduce runs on a CPU tensor in a gloo group of its own. On the training backend
-    (Lightning's reduce_boolean_decision: NCCL on GPUs) it would make the host wait for each
-    step's kernels to finish, and the GPU would then idle while the next step is launched.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.signalled: int | None = None
-        self._previous: dict[int, Any] = {}
-        self.group: Any = None
-
-    def any_rank_signalled(self) -> bool:
-        if self.group is None:
-            return self.signalled is not None
-        flag = torch.tensor([int(self.signalled is not None)], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, group=self.group)  # host memory, never the GPU
-        return bool(flag.item())
-
-    def _flag(self, signum: int, frame: Any) -> None:
-        self.signalled = signum
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            for sig in PREEMPT_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._flag)
-            if trainer.world_size > 1 and torch.distributed.is_initialized():
-                self.group = torch.distributed.new_group(backend="gloo")  # every rank calls it
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        if self.group is not None and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group(self.group)
-        self.group = None
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        if not self.any_rank_signalled():
-            return
-        # No "made no progress" check here: the flag is read after a finished step, so every
-        # save is ahead of the restart's start. The launchers' requeue budget ends loops.
-        if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
-            marker = {"step": trainer.global_step, "signal": self.signalled}
-            (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
-        trainer.save_checkpoint(self.run_dir / "last.ckpt")
-        name = signal.Signals(self.signalled).name if self.signalled else "a signal on another rank"
-        # An exception, not trainer.should_stop: stopping would still run the epoch-end
-        # validation and checkpoints, and those would overwrite this mid-epoch last.ckpt.
-        raise Preempted(
-            f"{name}: saved {self.run_dir}/last.ckpt at step {trainer.global_step}; "
-            "rerun (or requeue) the same command to resume"
-        )
 
 
 def parse_devices(devices: str) -> int | str | list[int]:
@@ -270,7 +170,10 @@ def build_trainer(
         ),
         # last.ckpt after every epoch, overwritten in place, to resume from.
         ModelCheckpoint(
-            dirpath=run_dir, filename="last", save_top_k=1, enable_version_counter=False
+            dirpath=run_dir,
+            filename=LAST.removesuffix(".ckpt"),
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         LearningRateMonitor(logging_interval="step"),
         *(callbacks or []),

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -104,6 +105,13 @@ FAST = [
     "--log-every-n-steps",
     "5",
 ]
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    """The local Slurm cluster (tests/cluster/start.sh), or a skip that says how to start it."""
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
+        pytest.skip("no Slurm cluster: run tests/cluster/start.sh (root, Debian) or `make cluster`")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -145,3 +145,44 @@ def test_image_without_gpus_fails_clearly_when_asked_for_one(image, tmp_path):
     )
     assert run.returncode == 2
     assert "gpu" in run.stderr.lower() and "Traceback" not in run.stderr
+
+
+def test_docker_stop_saves_and_the_same_docker_run_resumes(image, tmp_path):
+    """`docker stop` sends SIGTERM and, 10 s later, SIGKILL: the run saves inside that grace,
+    exits 143 (never 0), and rerunning the very same `docker run` resumes from that step."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chown(runs, 1000, 1000)
+    name = f"cifar-job-stop-{os.getpid()}"
+    volume_and_train = [
+        *("-v", f"{runs}:/runs", TAG, "train"),
+        *("--dataset", "synthetic", "--synthetic-size", "1300", "--val-size", "100"),
+        *("--arch", "resnet18", "--stem", "imagenet", "--batch-size", "40"),
+        *("--num-workers", "0", "--max-epochs", "2", "--log-every-n-steps", "1"),
+        *("--run-dir", "/runs/stop"),
+    ]
+    command = ["docker", "run", "--name", name, *volume_and_train]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if " step 8/" in line:
+                break
+        t0 = time.monotonic()
+        stop = sh("docker", "stop", name)  # SIGTERM, SIGKILL after 10 s
+        stopped_in = time.monotonic() - t0
+        proc.communicate(timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        state = json.loads(sh("docker", "inspect", name, "--format", "{{json .State}}").stdout)
+    finally:
+        sh("docker", "rm", "-f", name)
+    assert state["ExitCode"] == 143 and not state["OOMKilled"], state  # saved, not killed
+    assert stopped_in < 10, stopped_in  # well inside docker's grace
+    marker = json.loads((runs / "stop" / "preempted.json").read_text())
+    assert marker["signal"] == "SIGTERM" and marker["step"] >= 8
+
+    again = sh("docker", "run", "--rm", *volume_and_train)  # the same training, run again
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    starts = json.loads((runs / "stop" / "manifest.json").read_text())["starts"]
+    assert [s["step"] for s in starts] == [None, marker["step"]]
+    assert json.loads((runs / "stop" / "results.json").read_text())["global_step"] == 60

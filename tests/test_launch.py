@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import FAST, cifar_job
 
 from cifar_job.cli import main
-from cifar_job.launch import time_minutes
+from cifar_job.launch import REQUEUE_SCRIPT, time_minutes
 
 GOLDEN = Path(__file__).parent / "golden" / "submit_dry_run.sbatch"
 
@@ -53,7 +53,11 @@ def test_submit_dry_run_prints_the_pinned_sbatch_script(tmp_path, monkeypatch):
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    text = result.output.replace(str(tmp_path), "{CWD}").replace(sys.executable, "{PYTHON}")
+    text = (
+        result.output.replace(str(tmp_path), "{CWD}")
+        .replace(sys.executable, "{PYTHON}")
+        .replace(str(REQUEUE_SCRIPT), "{REQUEUE_SH}")
+    )
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
@@ -138,3 +142,14 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     assert starts[-1]["step"] == newest >= previous["global_step"]  # no work lost, none redone
     final = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == 4 * 12
+
+
+def test_batch_script_and_training_agree_on_the_requeue_status():
+    """requeue.sh requeues on the status the ranks exit with after USR1/USR2 (and reads the
+    marker they write): the shell and Python halves of one protocol must not drift apart."""
+    from cifar_job import checkpoints
+
+    shell = REQUEUE_SCRIPT.read_text()
+    assert f"CIFAR_JOB_REQUEUE_EXIT={checkpoints.REQUEUE_EXIT} " in shell
+    assert f'"${{RUN_DIR}}/{checkpoints.MARKER}"' in shell
+    assert (Path(__file__).parent.parent / "slurm" / "requeue.sh").resolve() == REQUEUE_SCRIPT

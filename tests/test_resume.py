@@ -1,14 +1,18 @@
-"""Preemption without a cluster: SIGUSR1 to a local run saves mid-epoch and exits 75, and the
-resumed run continues with exactly the batches it had left."""
+"""Stops without a cluster: SIGUSR1 (a time limit coming) or SIGTERM (`docker stop`, a
+preemption) to a local run saves mid-epoch and exits 75 or 143; SIGKILL at random moments
+loses at most the steps since the last periodic save. Every resumed run continues with
+exactly the batches it had left, to the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,56 +53,81 @@ def epoch_value(rows: list[dict[str, str]], key: str, epoch: int) -> float:
     return value
 
 
-def interrupt_at(run_dir: Path, step: int) -> subprocess.CompletedProcess[str]:
-    """Run training and send SIGUSR1 once it logs `step`, as Slurm would before a limit."""
+def start(run_dir: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [*ARGS, "--run-dir", str(run_dir), "--log-every-n-steps", "1"]
-    proc = subprocess.Popen(
+    args = [*ARGS, "--run-dir", str(run_dir), "--log-every-n-steps", "1", *extra]
+    return subprocess.Popen(
         [sys.executable, "-m", "cifar_job", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same training, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = cifar_job(*ARGS, "--run-dir", str(run_dir), "--log-every-n-steps", "1")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    a, b = weights(reference), weights(run_dir)
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def interrupt_at(
+    run_dir: Path, step: int, sig: int = signal.SIGUSR1
+) -> subprocess.CompletedProcess[str]:
+    """Run training and send `sig` once it logs `step`, as Slurm or Docker would."""
+    args = [*ARGS, "--run-dir", str(run_dir), "--log-every-n-steps", "1"]
+    proc = start(run_dir)
     out = []
     assert proc.stdout is not None
     for line in proc.stdout:
         out.append(line)
         if f" step {step}/" in line:
-            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(sig)
             break
     rest, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(args, proc.returncode, "".join(out) + rest, err)
 
 
-def test_interrupted_run_resumes_to_identical_weights(tmp_path):
-    straight = cifar_job(*ARGS, "--run-dir", str(tmp_path / "straight"), "--log-every-n-steps", "1")
-    assert straight.returncode == 0, straight.stderr
-
+@pytest.mark.parametrize(
+    "sig, status, requeue",
+    [(signal.SIGUSR1, 75, True), (signal.SIGTERM, 143, False)],
+    ids=["usr1-time-limit", "sigterm-stop"],
+)
+def test_interrupted_run_resumes_to_identical_weights(straight, tmp_path, sig, status, requeue):
     run_dir = tmp_path / "interrupted"
-    stopped = interrupt_at(run_dir, step=5)
-    assert stopped.returncode == 75, stopped.stderr  # saved, asking to be requeued
-    assert "SIGUSR1: saved" in stopped.stderr
+    stopped = interrupt_at(run_dir, step=5, sig=sig)
+    # Saved either way; 75 asks the launcher for a requeue, 143 says "stopped from outside".
+    # Never 0: Lightning's own SIGTERM handling ended unsaved with 0, a "completed" job.
+    assert stopped.returncode == status, stopped.stderr
+    assert f"{sig.name}: saved" in stopped.stderr
     saved = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)
     k = saved["global_step"]
     assert 5 <= k < STEPS_PER_EPOCH and saved["epoch"] == 0  # mid-epoch
     assert not (run_dir / "results.json").exists()
     marker = json.loads((run_dir / "preempted.json").read_text())  # for the launcher
-    assert marker["step"] == k and marker["signal"] == signal.SIGUSR1
+    assert marker == {"step": k, "signal": sig.name, "requeue": requeue}
 
     resumed = cifar_job(*ARGS, "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
     assert [s["step"] for s in starts] == [None, k]
-    a, b = weights(tmp_path / "straight"), weights(run_dir)
-    assert a.keys() == b.keys()
-    different = [name for name in a if not torch.equal(a[name], b[name])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same_weights(run_dir, straight)
+    assert not (run_dir / "preempted.json").exists()  # the resumed start took it over
 
     # The interrupted epoch's training figures cover all of it: the sums so far travel in
     # the checkpoint. They equal the uninterrupted run's, which equal the mean of its steps'
     # values (equal batches). Without the sums, they would cover only the steps after k.
-    after, plain = metrics(run_dir, 1), metrics(tmp_path / "straight", 0)
+    after, plain = metrics(run_dir, 1), metrics(straight, 0)
     for key in ("loss", "acc"):
         steps = [
             float(r[f"train/{key}_step"])
@@ -109,3 +138,51 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
         value = epoch_value(after, f"train/{key}_epoch", 0)
         assert value == pytest.approx(epoch_value(plain, f"train/{key}_epoch", 0), rel=1e-5)
         assert value == pytest.approx(sum(steps) / len(steps), rel=1e-5)
+
+
+def test_sigkill_at_random_moments_loses_only_the_steps_since_the_last_save(straight, tmp_path):
+    """kill -9 ten times, some of them in the middle of a save, rerunning the same command
+    each time: every rerun starts from the newest whole checkpoint and the run ends exactly
+    as the uninterrupted one did."""
+    run_dir, every = tmp_path / "killed", ["--checkpoint-every", "0.01"]  # 0.6 s of training
+    rng, during_save, resumed_at = random.Random(), 0, []
+    for kill in range(10):
+        proc = start(run_dir, *every)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # let it train, so each start can make progress
+            if " step " in line:
+                break
+        if kill % 3 == 0:  # in the middle of writing a checkpoint
+            deadline = time.monotonic() + 30
+            while not any(run_dir.glob(".*.ckpt.*.tmp")) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            during_save += any(run_dir.glob(".*.ckpt.*.tmp"))
+        else:
+            time.sleep(rng.uniform(0, 1.2))
+        proc.kill()
+        proc.communicate(timeout=60)
+        if (run_dir / "manifest.json").exists():
+            resumed_at.append(json.loads((run_dir / "manifest.json").read_text())["starts"][-1])
+    assert during_save >= 2, "no kill landed during a save"
+    steps = [s["step"] or 0 for s in resumed_at]
+    assert steps == sorted(steps) and steps[-1] > 0, steps  # never back to an older state
+
+    final = cifar_job(*ARGS, *every, "--run-dir", str(run_dir))
+    assert final.returncode == 0, final.stderr
+    assert weights(run_dir).keys() and not list(run_dir.glob(".*.tmp"))  # leftovers cleared
+    assert (
+        torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
+    )
+    assert_same_weights(run_dir, straight)
+
+
+def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_starting_over(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.ckpt").write_bytes(b"half a checkpoint")
+    (run_dir / "best-epoch003.ckpt").write_bytes(b"")
+    result = cifar_job(*ARGS, "--run-dir", str(run_dir))
+    assert result.returncode == 1
+    assert "holds checkpoints, but none loads (best-epoch003.ckpt, last.ckpt)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "last.ckpt").read_bytes() == b"half a checkpoint"  # nothing overwritten

@@ -5,113 +5,24 @@ resumes at the same step, for both launch paths."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, cifar_job
+from slurmjobs import (
+    STEPS_PER_EPOCH,
+    SUBMIT_TWO_NODES,
+    TRAIN,
+    assert_no_rank_left,
+    ckpt_step,
+    job_env,
+    sbatch,
+    wait_done,
+    wait_for_text,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-# 1,000 training images in global batches of 40: 25 optimizer steps per epoch on any layout.
-TRAIN = [
-    "--dataset",
-    "synthetic",
-    "--synthetic-size",
-    "1200",
-    "--val-size",
-    "200",
-    "--arch",
-    "resnet18",
-    "--stem",
-    "imagenet",
-    "--num-workers",
-    "0",
-    "--batch-size",
-    "40",
-    "--lr",
-    "0.05",
-    "--log-every-n-steps",
-    "1",
-]
-STEPS_PER_EPOCH = 25
-
-
-@pytest.fixture(scope="module")
-def cluster() -> None:
-    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
-        pytest.skip("no Slurm cluster: run tests/cluster/start.sh (root, Debian) or `make cluster`")
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """What a user's login shell has: the venv's cifar-job on PATH (sbatch exports it)."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {
-        **os.environ,
-        "PATH": path,
-        "PYTHONUNBUFFERED": "1",
-        "CIFAR_JOB_HOME": str(REPO),
-        "ACCELERATOR": "cpu",
-        **extra,
-    }
-
-
-def sbatch(*args: str, cwd: Path, **env: str) -> str:
-    """Submit as a user would, from cwd; returns the job id."""
-    out = subprocess.run(
-        ["sbatch", "--parsable", *args],
-        cwd=cwd,
-        env=job_env(**env),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip().split(";")[0]
-
-
-def job_state(job_id: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    return out.stdout.split("JobState=")[1].split()[0] if "JobState=" in out.stdout else "GONE"
-
-
-def wait_done(job_id: str, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = job_state(job_id)
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return state
-        time.sleep(1)
-    subprocess.run(["scancel", job_id])
-    raise AssertionError(f"job {job_id} still {job_state(job_id)} after {timeout} s")
-
-
-def wait_for_text(path_glob: str, base: Path, text: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(text in p.read_text(errors="replace") for p in base.glob(path_glob)):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{text!r} never appeared in {base}/{path_glob}")
-
-
-def ckpt_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
-
-
-def assert_no_rank_left(run_dir: Path) -> None:
-    """No process of the run survives its job (Slurm reaps a finished step within seconds)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        out = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
-        if not out.stdout.strip():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"processes still running for {run_dir}: {out.stdout}")
 
 
 def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(cluster, tmp_path):
@@ -213,15 +124,7 @@ def test_sbatch_requeue_budget_stops_the_job(cluster, tmp_path):
 def test_submit_two_nodes_runs_and_returns_the_result(cluster, tmp_path):
     run_dir = tmp_path / "run"
     result = cifar_job(
-        "submit",
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "1",
-        "--cpus-per-task",
-        "1",
-        "--time",
-        "10",
+        *SUBMIT_TWO_NODES,
         "--wait",
         "--accelerator",
         "cpu",
@@ -247,15 +150,7 @@ def test_submit_two_nodes_runs_and_returns_the_result(cluster, tmp_path):
 def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
     run_dir = tmp_path / "run"
     result = cifar_job(
-        "submit",
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "1",
-        "--cpus-per-task",
-        "1",
-        "--time",
-        "10",
+        *SUBMIT_TWO_NODES,
         "--accelerator",
         "cpu",
         *TRAIN,
@@ -339,14 +234,39 @@ def test_training_refuses_devices_that_contradict_the_allocation(cluster, tmp_pa
     assert "Traceback" not in out.stderr
 
 
-def test_doctor_flags_a_batch_script_that_asks_for_no_signal(cluster, tmp_path):
+def test_doctor_flags_a_batch_script_without_signal_or_requeue(cluster, tmp_path):
     script = tmp_path / "no_signal.sh"
     script.write_text(
         "#!/bin/bash\n#SBATCH --ntasks-per-node=1\n"
         f"srun {sys.executable} -m cifar_job doctor --dataset synthetic --num-workers 0\n"
     )
-    job = sbatch("--output", str(tmp_path / "out.txt"), str(script), cwd=tmp_path)
+    out_file = str(tmp_path / "out.txt")
+    job = sbatch("--no-requeue", "--output", out_file, str(script), cwd=tmp_path)
     assert wait_done(job, timeout=120) == "FAILED"
     out = (tmp_path / "out.txt").read_text()
     assert "FAIL  signal: no --signal in the batch script" in out
     assert "#SBATCH --signal=B:USR1@180" in out  # the fix
+    assert "FAIL  requeue: the job cannot be requeued: add `#SBATCH --requeue`" in out
+
+
+def test_stale_marker_from_an_earlier_start_causes_no_requeue(cluster, tmp_path):
+    """A preempted.json left behind (a start that crashed after writing it) must not make a
+    later, unrelated failure look like a save to requeue: that would loop until the budget."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = {"step": 3, "signal": "SIGUSR1", "requeue": True}
+    (run_dir / "preempted.json").write_text(json.dumps(stale) + "\n")
+    job = sbatch(
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        str(REPO / "slurm/ddp_4gpu.sh"),
+        *TRAIN,
+        "--val-size",
+        "5000",  # more than the 1,200 images: the run fails at once, on its own
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
+    )
+    assert wait_done(job) == "FAILED"
+    log = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
+    assert "leaves no training images" in log and "requeueing" not in log, log[-2000:]
+    assert not (run_dir / "requeues.log").exists()

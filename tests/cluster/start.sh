@@ -8,10 +8,8 @@ set -euo pipefail
 
 CPUS_PER_NODE=${CPUS_PER_NODE:-4}   # more than the machine has: config_overrides allows it
 STATE=${SLURM_TEST_STATE:-/var/lib/cifar-job-slurm}
+GRACE_TIME=${GRACE_TIME:-10}        # seconds a preempted job in "low" has to save
 
-if sinfo -h -o %T 2>/dev/null | grep -q idle; then
-  echo "slurm: already running"; exit 0
-fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   echo "slurm: installing slurmctld, slurmd, slurm-client and munge (apt)"
@@ -27,7 +25,8 @@ done
 for i in 0 1 2 3; do [ -e /dev/fakegpu$i ] || mknod /dev/fakegpu$i c 1 3; done
 mkdir -p /etc/slurm "$STATE/ctld" "$STATE/log" /var/spool/slurmd /run/munge
 
-cat > /etc/slurm/slurm.conf <<CONF
+conf=$(mktemp)
+cat > "$conf" <<CONF
 ClusterName=cifarjob
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -56,8 +55,28 @@ KillWait=5
 MpiDefault=none
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+# Preemption as production clusters set it up: a job in "high" preempts one in "low", which
+# gets SIGTERM (not its --signal) and SIGKILL after GraceTime, and Slurm requeues it.
+# "debug", the default, is never preempted.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+JobRequeue=1
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName=low Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
+PartitionName=high Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 CONF
+# A running cluster with this very configuration is left as it is; any change restarts it.
+if cmp -s "$conf" /etc/slurm/slurm.conf && [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -c idle)" = 2 ]; then
+  rm -f "$conf"; echo "slurm: already running"; exit 0
+fi
+pkill -x slurmd || true
+pkill -x slurmctld || true
+# A slurmd may wait on its jobs' last RPCs for seconds; a daemon still stopping would keep
+# its replacement from starting below.
+for _ in $(seq 80); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.25; done
+pkill -9 -x slurmd || true
+pkill -9 -x slurmctld || true
+mv "$conf" /etc/slurm/slurm.conf
 cat > /etc/slurm/gres.conf <<CONF
 AutoDetect=off
 NodeName=n[1-2] Name=gpu Type=fake File=/dev/fakegpu[0-3]
@@ -72,7 +91,7 @@ for n in n1 n2; do
 done
 
 for _ in $(seq 60); do
-  if [ "$(sinfo -h -N -o %T 2>/dev/null | grep -c idle)" = 2 ]; then
+  if [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -c idle)" = 2 ]; then
     echo "slurm: 2 nodes idle"; exit 0
   fi
   scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true

@@ -1,0 +1,270 @@
+"""The stop-and-resume protocol, in one place.
+
+How a run stops, and how the next start picks up where it stopped:
+
+- **Signals.** USR1 (the sbatch templates' --signal) and USR2 (submitit's) ask for a requeue:
+  the job is about to hit its time limit. SIGTERM means the job is being stopped from outside
+  (preemption, `scancel`, `scontrol requeue`, `docker stop`, a node going down). The handlers
+  only note the signal: saving from inside one would deadlock under DDP, because
+  `Trainer.save_checkpoint` ends in a barrier that ranks without the signal never reach.
+- **Agreement.** After every optimizer step the ranks agree, with one tiny all-reduce over a
+  gloo group of their own, on whether any of them was signalled and whether a periodic save
+  is due (rank 0's clock decides). So they all save the same step, together.
+- **Saves.** `last.ckpt` is written to a temporary file, fsynced and renamed into place: a
+  kill mid-write leaves the previous checkpoint whole. Periodic saves (--checkpoint-every)
+  land mid-epoch with the loader's exact position, which bounds what a stop without warning
+  (SIGKILL, a lost node, an OOM) can lose.
+- **Exit.** Before the save, rank 0 writes the marker `preempted.json` (step, signal, whether
+  to requeue). Every rank then exits with REQUEUE_EXIT (75) after USR1/USR2, or STOP_EXIT
+  (143, as for a SIGTERM) after SIGTERM: never 0, so no stop looks like a finished run.
+  The batch script (cifar_job/requeue.sh) requeues on 75 and leaves a SIGTERM to Slurm,
+  which requeues a preempted job itself, cancels a cancelled one, and so on.
+- **Resume.** Rank 0 chooses the checkpoint to resume from (the highest step that loads) and
+  every rank loads that one. Checkpoints that exist but none of which loads stop the run,
+  rather than train from scratch over them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+from cifar_job import CifarJobError, Preempted
+
+# EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
+REQUEUE_EXIT = 75
+# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: saved, stopped.
+STOP_EXIT = 128 + signal.SIGTERM
+# Written before the joint save: the batch script acts on it even when srun reports another
+# status (--kill-on-bad-exit may kill a rank that was exiting after the others).
+MARKER = "preempted.json"
+LAST = "last.ckpt"
+# What each signal asks for. A higher code wins when ranks got different signals: a SIGTERM
+# anywhere means Slurm is stopping the whole job.
+REQUEUE, STOP = 1, 2
+SIGNALS = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: STOP}
+
+
+# ----------------------------------------------------------------------------- signals
+
+_received: list[int] = []  # the signals this process got, oldest first
+
+
+def install_signal_handlers() -> None:
+    """Note USR1, USR2 and SIGTERM from now on, for the whole process (main thread only).
+
+    Installed once, before anything slow, so a signal during start-up or evaluation is not
+    lost either, and submitit's own handlers (which would requeue from rank 0 alone) never
+    act: the batch script is the one requeue owner.
+    """
+    for sig in SIGNALS:
+        signal.signal(sig, _note)
+
+
+def _note(signum: int, frame: Any) -> None:
+    _received.append(signum)
+
+
+def pending_signal() -> int | None:
+    """The most serious signal received so far, or None."""
+    return max(_received, key=lambda s: SIGNALS[s], default=None)
+
+
+class _SignalsOwnedByCifarJob(_SignalConnector):
+    """Lightning's signal connector, minus its SIGTERM handler.
+
+    Lightning 2.6 handles SIGTERM by calling `dist.broadcast` inside the handler (which hung
+    both ranks when the signal landed during a checkpoint's barrier) and then ending the
+    process with status 0, unsaved, which Slurm records as a completed job.
+    """
+
+    def register_signal_handlers(self) -> None:
+        self.received_sigterm = False
+        self._original_handlers = {}
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, fsyncs, then renames it into place,
+    and loads the checkpoint that rank 0 chose to resume from (see CheckpointPolicy.setup).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume_path: str | None = None
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; others in the project may read it
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+        chosen = self.resume_path or path
+        return super().load_checkpoint(chosen, map_location=map_location, weights_only=weights_only)
+
+
+def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
+    """The checkpoint in run_dir to resume from and its step, or (None, None) if there is none.
+
+    The highest step that loads wins (last.ckpt on a tie with a best-epoch file): by content,
+    not by modification time, which a shared filesystem may report differently on each node.
+    A corrupt file is skipped with a warning; if none loads, the run stops instead of training
+    from scratch over them.
+    """
+    found: list[tuple[int, bool, str]] = []
+    paths = sorted(run_dir.glob("*.ckpt"))
+    for path in paths:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if "state_dict" in ckpt and "loops" in ckpt:
+                found.append((int(ckpt.get("global_step", 0)), path.name == LAST, str(path)))
+                continue
+            reason = "not a training checkpoint"
+        except Exception as e:  # a truncated file raises whatever the unpickler hits first
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", stacklevel=2)
+    if not found:
+        if paths:
+            raise CifarJobError(
+                f"{run_dir} holds checkpoints, but none loads ({', '.join(p.name for p in paths)})."
+                " Move them away to train this run from scratch, or use another --run-dir."
+            )
+        return None, None
+    step, _, path = max(found)
+    return path, step
+
+
+def remove_stale_writes(run_dir: Path) -> None:
+    """Delete temporary files left by a save that a kill interrupted (40-90 MB each)."""
+    for tmp in run_dir.glob(".*.ckpt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the callback
+
+
+class CheckpointPolicy(Callback):
+    """Stops on a signal after saving, saves periodically, and makes every rank resume from
+    the checkpoint rank 0 chose. One instance per Trainer; see the module docstring."""
+
+    def __init__(self, run_dir: Path, every_minutes: float, resume_from: str | None) -> None:
+        self.run_dir, self.resume_from = run_dir, resume_from
+        self.every_s = every_minutes * 60
+        self.last_save = time.monotonic()
+        self.group: Any = None
+
+    # --- agreement
+
+    def _agree(self, trainer: L.Trainer) -> tuple[int, bool]:
+        """(the most serious signal's code on any rank, whether rank 0 says a save is due)."""
+        sig = pending_signal()
+        code = SIGNALS[sig] if sig is not None else 0
+        due = bool(trainer.training) and 0 < self.every_s <= time.monotonic() - self.last_save
+        if self.group is None:
+            return code, due
+        flags = torch.tensor([code, int(due and trainer.is_global_zero)], dtype=torch.int32)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(flags[0]), bool(flags[1])
+
+    # --- hooks
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        trainer._signal_connector = _SignalsOwnedByCifarJob(trainer)
+        if trainer.world_size > 1 and torch.distributed.is_initialized() and self.group is None:
+            # Host memory only: on the training backend (NCCL on GPUs) the per-step agreement
+            # would make the host wait for each step's kernels, and the GPU would idle.
+            self.group = torch.distributed.new_group(backend="gloo")  # every rank calls it
+        if stage == "fit" and self.group is not None:
+            choices: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(choices, self.resume_from, group=self.group)
+            if len({c is None for c in choices}) > 1:
+                raise CifarJobError(
+                    f"the ranks see different checkpoints in {self.run_dir} ({choices}): "
+                    "--run-dir must be on a filesystem that every node shares"
+                )
+            # Every rank loads rank 0's choice, whatever its own view of the directory.
+            trainer.strategy.checkpoint_io.resume_path = choices[0]  # type: ignore[union-attr]
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            trainer.strategy.checkpoint_io.resume_path = None  # type: ignore[union-attr]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_save = time.monotonic()  # the clock counts training, not start-up
+        code, _ = self._agree(trainer)
+        if code:  # signalled during start-up: nothing new to save
+            self._stop(trainer, code, save=False)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        code, due = self._agree(trainer)
+        if code:
+            self._stop(trainer, code, save=True)
+        elif due:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # last.ckpt was just written at the epoch's end; a signal during validation stops here.
+        self.last_save = time.monotonic()
+        code, _ = self._agree(trainer)
+        if code:
+            self._stop(trainer, code, save=True)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        code, _ = self._agree(trainer)
+        if code:  # training is over and saved; a rerun tests again
+            self._stop(trainer, code, save=False)
+
+    # --- actions
+
+    def save(self, trainer: L.Trainer) -> None:
+        """last.ckpt now, from every rank together (rank 0 writes; the others wait)."""
+        trainer.save_checkpoint(self.run_dir / LAST, weights_only=False)  # (quiets a log line)
+        self.last_save = time.monotonic()
+
+    def _stop(self, trainer: L.Trainer, code: int, save: bool) -> None:
+        sig = pending_signal()
+        name = signal.Signals(sig).name if sig is not None else "a signal on another rank"
+        requeue = code == REQUEUE
+        if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
+            marker = {"step": trainer.global_step, "signal": name, "requeue": requeue}
+            (self.run_dir / MARKER).write_text(json.dumps(marker) + "\n")
+        if save:
+            self.save(trainer)
+        what = f"saved {self.run_dir / LAST} at step {trainer.global_step}" if save else "stopped"
+        then = "requeue or rerun" if requeue else "rerun (or let Slurm requeue)"
+        # An exception, not trainer.should_stop: stopping would still run the epoch-end
+        # validation and checkpoints, and those would overwrite this mid-epoch last.ckpt.
+        raise Preempted(
+            f"{name}: {what}; {then} the same command to resume",
+            REQUEUE_EXIT if requeue else STOP_EXIT,
+        )

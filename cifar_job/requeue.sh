@@ -1,0 +1,101 @@
+# shellcheck shell=bash
+# What the batch script does around the training step when a job is stopped. Sourced by the
+# sbatch templates (as slurm/requeue.sh) and by the batch script `cifar-job submit` writes,
+# so both launch paths follow one policy. It runs on the host, so it works when training
+# runs in a container without `scontrol`. The Python side is cifar_job/checkpoints.py.
+#
+#   time limit: Slurm's --signal (USR1 to this script from the templates, USR2 to the tasks
+#   from submit) -> the ranks save last.ckpt at the same step and exit 75 -> `scontrol
+#   requeue` here, at most MAX_REQUEUES times a job -> the job restarts and resumes.
+#
+#   preemption, scancel, scontrol requeue, a node going down: SIGTERM to the tasks -> the
+#   ranks save and exit 143 -> this script waits until Slurm ends the job, so that Slurm's
+#   own decision stands: it requeues a preempted job (PreemptMode=REQUEUE, at the end of
+#   GraceTime) and a requeued one, and a cancelled one ends CANCELLED. Under preemption only
+#   the tasks are signalled; had this script exited then, Slurm would have recorded the job
+#   as FAILED (or COMPLETED, for status 0) and never requeued it.
+#
+# Settings (environment): RUN_DIR, the run directory (required); MAX_REQUEUES (default 10).
+# Each requeue this script asks for is a line in RUN_DIR/requeues.log; Slurm's own requeues
+# (preemption) do not use up MAX_REQUEUES.
+
+CIFAR_JOB_REQUEUE_EXIT=75 # checkpoints.REQUEUE_EXIT
+cifar_job_signalled=0     # USR1 reached this script
+cifar_job_stopping=0      # SIGTERM reached this script: Slurm is ending the job
+
+# cifar_job_before_step: the traps, and no marker left by an earlier start.
+cifar_job_before_step() {
+  : "${RUN_DIR:?cifar-job: set RUN_DIR to the run directory}"
+  rm -f "${RUN_DIR}/preempted.json"
+  echo "cifar-job: job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST}"
+  # Note it and go on waiting for the step: the tasks got SIGTERM too, and they are saving.
+  trap 'cifar_job_stopping=1' TERM
+}
+
+# cifar_job_slurm_is_ending_job: whether Slurm is preempting, cancelling or requeueing this job.
+cifar_job_slurm_is_ending_job() {
+  local info
+  info=$(scontrol show job -o "${SLURM_JOB_ID}" 2>/dev/null) || return 1
+  case "$info" in
+    *"JobState=RUNNING "*) ;;
+    *) return 0 ;;
+  esac
+  case "$info" in
+    *"PreemptTime=None"*) return 1 ;;
+    *"PreemptTime="*) return 0 ;;
+  esac
+  return 1
+}
+
+# cifar_job_after_step RC: what the job does once the training step ended with status RC.
+cifar_job_after_step() {
+  local rc=$1 marker="${RUN_DIR}/preempted.json" kind=none requeues
+  trap - USR1
+  if [ -e "$marker" ]; then
+    if grep -q '"requeue": true' "$marker"; then kind=requeue; else kind=stop; fi
+  elif [ "$rc" -eq "$CIFAR_JOB_REQUEUE_EXIT" ]; then
+    kind=requeue
+  fi
+  if [ "$rc" -ne 0 ] && { [ "$kind" = stop ] || [ "$cifar_job_stopping" = 1 ] ||
+    cifar_job_slurm_is_ending_job; }; then
+    local saved="before the run could save"
+    [ "$kind" = none ] || saved="after the run saved: $(cat "$marker")"
+    echo "cifar-job: Slurm is ending job ${SLURM_JOB_ID} (preemption, cancel or requeue)" \
+      "${saved}; Slurm decides whether it runs again"
+    # Slurm sends SIGKILL at the end of GraceTime or KillWait; an hour is only a backstop.
+    for _ in $(seq 1800); do sleep 2; done
+    return "$rc"
+  fi
+  if [ "$kind" = none ] && { [ "$cifar_job_signalled" = 0 ] || [ "$rc" -eq 0 ]; }; then
+    return "$rc" # finished, or failed on its own: no requeue
+  fi
+  # Saved for a requeue (exit 75, or a rank killed while exiting after the save). Signalled
+  # but died another way (e.g. before the handlers were in place): the previous checkpoint
+  # is still whole, so a requeue loses only the unsaved steps.
+  requeues=$(grep -c "^job ${SLURM_JOB_ID} " "${RUN_DIR}/requeues.log" 2>/dev/null) || true
+  if [ "${requeues:-0}" -ge "${MAX_REQUEUES:-10}" ]; then
+    echo "cifar-job: requeued ${requeues:-0} times already (MAX_REQUEUES=${MAX_REQUEUES:-10}); stopping" >&2
+    return 1
+  fi
+  echo "job ${SLURM_JOB_ID} $(date +%FT%T) restart $((${SLURM_RESTART_COUNT:-0} + 1))" >>"${RUN_DIR}/requeues.log"
+  echo "cifar-job: requeueing job ${SLURM_JOB_ID} (requeue $((${requeues:-0} + 1)) of at most ${MAX_REQUEUES:-10})"
+  scontrol requeue "${SLURM_JOB_ID}"
+  return 0 # the requeue ends this script; exit cleanly if it has not yet
+}
+
+# run_requeueable CMD...: run CMD (an srun line) in the background, pass a USR1 from Slurm on
+# to its tasks, then act on how it ended (cifar_job_after_step).
+run_requeueable() {
+  local rc=0 pid
+  cifar_job_before_step
+  trap 'cifar_job_signalled=1; echo "cifar-job: time-limit signal; asking the tasks to checkpoint";
+        scancel --signal=USR1 "${SLURM_JOB_ID}"' USR1
+  "$@" &
+  pid=$!
+  # `wait` returns early when a trap runs; wait again until the step has really ended.
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  cifar_job_after_step "$rc"
+}

@@ -1,0 +1,107 @@
+"""Helpers for tests on the local Slurm cluster (tests/cluster/start.sh): submit as a user
+would, wait for jobs and log lines, read checkpoints, check that nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import REPO
+
+# 1,000 training images in global batches of 40: 25 optimizer steps per epoch on any layout.
+TRAIN = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-size",
+    "1200",
+    "--val-size",
+    "200",
+    "--arch",
+    "resnet18",
+    "--stem",
+    "imagenet",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "40",
+    "--lr",
+    "0.05",
+    "--log-every-n-steps",
+    "1",
+]
+STEPS_PER_EPOCH = 25
+# `cifar-job submit` of a 2-node job, one CPU task per node, for 10 minutes at most.
+SUBMIT_TWO_NODES = [
+    *("submit", "--nodes", "2", "--gpus-per-node", "1", "--cpus-per-task", "1"),
+    *("--time", "10"),
+]
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """What a user's login shell has: the venv's cifar-job on PATH (sbatch exports it)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {
+        **os.environ,
+        "PATH": path,
+        "PYTHONUNBUFFERED": "1",
+        "CIFAR_JOB_HOME": str(REPO),
+        "ACCELERATOR": "cpu",
+        **extra,
+    }
+
+
+def sbatch(*args: str, cwd: Path, **env: str) -> str:
+    """Submit as a user would, from cwd; returns the job id."""
+    out = subprocess.run(
+        ["sbatch", "--parsable", *args],
+        cwd=cwd,
+        env=job_env(**env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return out.stdout.split("JobState=")[1].split()[0] if "JobState=" in out.stdout else "GONE"
+
+
+def wait_done(job_id: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} still {job_state(job_id)} after {timeout} s")
+
+
+def wait_for_text(path_glob: str, base: Path, text: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in p.read_text(errors="replace") for p in base.glob(path_glob)):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{text!r} never appeared in {base}/{path_glob}")
+
+
+def ckpt_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+
+
+def assert_no_rank_left(run_dir: Path) -> None:
+    """No process of the run survives its job (Slurm reaps a finished step within seconds)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+        if not out.stdout.strip():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes still running for {run_dir}: {out.stdout}")

@@ -1,0 +1,242 @@
+"""Every way a real cluster stops a job, done for real on the local Slurm cluster, which is set
+up as production clusters are (tests/cluster/start.sh): preemption by a higher partition
+(SIGTERM, GraceTime, Slurm's own requeue), an admin's `scontrol requeue`, `scancel`, and a
+node going down. Each run is compared with one uninterrupted run of the same training: it
+must end at the same step with bitwise-identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, cifar_job
+from slurmjobs import (
+    STEPS_PER_EPOCH,
+    SUBMIT_TWO_NODES,
+    TRAIN,
+    assert_no_rank_left,
+    ckpt_step,
+    job_state,
+    sbatch,
+    wait_done,
+    wait_for_text,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+RUN = [*TRAIN, "--max-epochs", "2", "--deterministic"]
+TOTAL = 2 * STEPS_PER_EPOCH
+ONE_NODE_TWO_TASKS = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
+TEMPLATE = str(REPO / "slurm/ddp_4gpu.sh")
+MULTINODE = str(REPO / "slurm/ddp_multinode.sh")
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    got = weights(run_dir)
+    different = [name for name in reference if not torch.equal(reference[name], got[name])]
+    assert got.keys() == reference.keys() and not different, f"{len(different)} tensors differ"
+
+
+def saved_steps(log: str) -> list[int]:
+    """The steps the ranks saved at on each stop, in order (every rank reports the same)."""
+    steps = [int(s) for s in re.findall(r"SIGTERM: saved \S+last\.ckpt at step (\d+)", log)]
+    return sorted(set(steps))
+
+
+def resumed_steps(run_dir: Path) -> list[int | None]:
+    return [s["step"] for s in json.loads((run_dir / "manifest.json").read_text())["starts"]]
+
+
+def preempt(cwd: Path) -> None:
+    """A job in the `high` partition that needs both nodes whole: Slurm preempts `low`."""
+    sbatch("-p", "high", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1", cwd=cwd)
+
+
+def random_steps(count: int, gap: int) -> list[int]:
+    """`count` random steps of the run, at least `gap` apart, none in the first 3 or last 3."""
+    while True:
+        steps = sorted(random.sample(range(3, TOTAL - 3), count))
+        if all(b - a >= gap for a, b in zip(steps, steps[1:])):
+            return steps
+
+
+def uninterrupted(tmp: Path, *layout_and_template: str) -> dict[str, torch.Tensor]:
+    """The weights of the training run whole, in the never-preempted `debug` partition."""
+    job = sbatch(*layout_and_template, *RUN, cwd=tmp, RUN_DIR=str(tmp / "run"))
+    assert wait_done(job) == "COMPLETED", (tmp / f"slurm-cifar-job-{job}.out").read_text()
+    assert ckpt_step(tmp / "run") == TOTAL
+    return weights(tmp / "run")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """1 node x 2 tasks, uninterrupted."""
+    return uninterrupted(tmp_path_factory.mktemp("reference"), *ONE_NODE_TWO_TASKS, TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def reference_two_nodes(
+    cluster, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, torch.Tensor]:
+    """2 nodes x 1 task, uninterrupted. Not bitwise the same as 1 x 2: the reduction order
+    across hosts differs."""
+    return uninterrupted(tmp_path_factory.mktemp("reference2"), *TWO_NODES, MULTINODE)
+
+
+def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        "-p", "low", *ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir)
+    )
+    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    at = random_steps(2, gap=8)
+    for start, step in enumerate(at, 1):
+        wait_for_text(log.name, tmp_path, f"start {start} on")
+        wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
+        preempt(tmp_path)
+    assert wait_done(job, timeout=400) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    saved = saved_steps(text)
+    assert len(saved) == 2 and all(s >= a for s, a in zip(saved, at)), (at, saved)
+    # Each start resumed from exactly the step the stop saved: no step lost, none redone.
+    assert resumed_steps(run_dir) == [None, *saved], text[-3000:]
+    assert ckpt_step(run_dir) == TOTAL
+    assert_same_weights(run_dir, reference)
+    # Slurm requeued it itself (PreemptMode=REQUEUE): the script asked for no requeue.
+    assert text.count("Slurm is ending job") == 2 and "requeueing job" not in text
+    assert not (run_dir / "requeues.log").exists()
+    assert_no_rank_left(run_dir)
+
+
+def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(
+    reference_two_nodes, tmp_path
+):
+    run_dir = tmp_path / "run"
+    result = cifar_job(
+        *SUBMIT_TWO_NODES,
+        "--partition",
+        "low",
+        "--accelerator",
+        "cpu",
+        *RUN,
+        "--run-dir",
+        str(run_dir),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.split("submitted job ")[1].split()[0]
+    log = f"submitit/{job}_0_log.out"
+    for start, step in enumerate(random_steps(2, gap=8), 1):
+        wait_for_text(log, run_dir, f"start {start} on")
+        wait_for_text(log, run_dir, f" step {step}/{TOTAL}")
+        preempt(tmp_path)
+    assert wait_done(job, timeout=400) == "COMPLETED"
+    text = (run_dir / log).read_text()
+    saved = saved_steps(text)
+    assert len(saved) == 2 and resumed_steps(run_dir) == [None, *saved], text[-3000:]
+    assert ckpt_step(run_dir) == TOTAL
+    assert_same_weights(run_dir, reference_two_nodes)
+    assert "requeueing job" not in text
+    assert_no_rank_left(run_dir)
+    info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
+    assert info["state"] == "finished" and info["restarts"] == 2
+
+
+def test_admin_requeue_mid_epoch_resumes_to_identical_weights(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(*ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir))
+    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    (step,) = random_steps(1, gap=0)
+    wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
+    subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM, then KillWait
+    assert wait_done(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    saved = saved_steps(text)
+    assert len(saved) == 1 and saved[0] >= step and resumed_steps(run_dir) == [None, *saved]
+    assert_same_weights(run_dir, reference)
+    assert "requeueing job" not in text  # Slurm's requeue, not a second one from the script
+    assert_no_rank_left(run_dir)
+
+
+def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    job = sbatch(*ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir))
+    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    (step,) = random_steps(1, gap=0)
+    wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
+    subprocess.run(["scancel", job], check=True)
+    assert wait_done(job) == "CANCELLED"
+    (saved,) = saved_steps(log.read_text())
+    assert saved >= step and ckpt_step(run_dir) == saved  # saved within KillWait (5 s here)
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker == {"step": saved, "signal": "SIGTERM", "requeue": False}
+    assert not (run_dir / "results.json").exists()
+    assert_no_rank_left(run_dir)
+
+    again = sbatch(*ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir))
+    assert wait_done(again) == "COMPLETED"
+    assert resumed_steps(run_dir) == [None, saved]
+    assert_same_weights(run_dir, reference)
+
+
+def task_pid(job: str, rank: int) -> int:
+    """The process of one training rank of a job, found by the variables Slurm gave it."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            f"SLURM_JOB_ID={job}".encode() in env
+            and f"SLURM_PROCID={rank}".encode() in env
+            and b"train" in cmdline
+            and b"srun" not in cmdline
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} of job {job} is running")
+
+
+def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
+    reference_two_nodes, tmp_path
+):
+    run_dir = tmp_path / "run"
+    every = ["--checkpoint-every", "0.05"]  # 3 s of training
+    job = sbatch(*TWO_NODES, MULTINODE, *RUN, *every, cwd=tmp_path, RUN_DIR=str(run_dir))
+    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    wait_for_text(log.name, tmp_path, f" step {random.randint(14, 22)}/{TOTAL}")
+    try:
+        # n2 dies: Slurm marks it DOWN, and its rank is gone before it can save anything.
+        last_saved = ckpt_step(run_dir)  # the newest checkpoint when the node is lost
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=test"])
+        os.kill(task_pid(job, rank=1), signal.SIGKILL)
+        reached = max(int(s) for s in re.findall(r" step (\d+)/", log.read_text()))
+        deadline = time.monotonic() + 60
+        while job_state(job) == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert job_state(job) != "RUNNING"
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
+    assert wait_done(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
+    starts = resumed_steps(run_dir)
+    # Resumed from the newest whole checkpoint, a periodic one mid-epoch: it lost the steps
+    # after that save (at most 3 s of training), never the epoch or the run.
+    assert len(starts) == 2 and starts[1] >= last_saved > 0, (starts, last_saved, reached)
+    assert starts[1] % STEPS_PER_EPOCH, starts  # mid-epoch: not an epoch-end checkpoint
+    print(f"lost node: reached step {reached}, resumed from {starts[1]}")
+    assert ckpt_step(run_dir) == TOTAL
+    assert_same_weights(run_dir, reference_two_nodes)
+    assert_no_rank_left(run_dir)
