@@ -229,7 +229,9 @@ def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
             time.sleep(0.5)
         assert job_state(job) != "RUNNING"
     finally:
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=True)
+        # Not checked: with ReturnToService=2 a DOWN node whose slurmd still answers may be
+        # back already, and resuming a node that is not down is an error.
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"])
     assert wait_done(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
     starts = resumed_steps(run_dir)
     # Resumed from the newest whole checkpoint, a periodic one mid-epoch: it lost the steps
