@@ -160,8 +160,10 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
     return path, step
 
 
-def remove_stale_writes(run_dir: Path) -> None:
-    """Delete temporary files left by a save that a kill interrupted (40-90 MB each)."""
+def clear_leftovers(run_dir: Path) -> None:
+    """What an earlier start left that this one takes over (rank 0, before training): its
+    marker, and the temporary files of saves that a kill interrupted (40-90 MB each)."""
+    (run_dir / MARKER).unlink(missing_ok=True)
     for tmp in run_dir.glob(".*.ckpt.*.tmp"):
         tmp.unlink(missing_ok=True)
 

@@ -84,10 +84,8 @@ class TrainJob:
         self.config = config
 
     def __call__(self) -> dict[str, Any] | None:
-        from cifar_job import checkpoints
-        from cifar_job.train import run
+        from cifar_job.train import run  # run() installs the stop-signal handlers first
 
-        checkpoints.install_signal_handlers()  # before submitit's can act on a stop
         try:
             return run(TrainConfig.from_dict(self.config))
         except Preempted as e:

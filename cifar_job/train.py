@@ -50,8 +50,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     trainer = build_trainer(cfg, run_dir, callbacks=[policy])
     if trainer.is_global_zero:
         record_start(run_dir, resume_from, resume_step)
-        (run_dir / checkpoints.MARKER).unlink(missing_ok=True)  # this start handles it
-        checkpoints.remove_stale_writes(run_dir)
+        checkpoints.clear_leftovers(run_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
         raise CifarJobError("training was interrupted; rerun the same command to resume")

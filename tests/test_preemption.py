@@ -73,6 +73,14 @@ def random_steps(count: int, gap: int) -> list[int]:
             return steps
 
 
+def submit_template(tmp_path: Path, run_dir: Path, *sbatch_args: str) -> tuple[str, Path]:
+    """The one-node template on 2 tasks, as a user submits it; its job id and log."""
+    job = sbatch(
+        *sbatch_args, *ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir)
+    )
+    return job, tmp_path / f"slurm-cifar-job-{job}.out"
+
+
 def uninterrupted(tmp: Path, *layout_and_template: str) -> dict[str, torch.Tensor]:
     """The weights of the training run whole, in the never-preempted `debug` partition."""
     job = sbatch(*layout_and_template, *RUN, cwd=tmp, RUN_DIR=str(tmp / "run"))
@@ -98,10 +106,7 @@ def reference_two_nodes(
 
 def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(reference, tmp_path):
     run_dir = tmp_path / "run"
-    job = sbatch(
-        "-p", "low", *ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir)
-    )
-    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    job, log = submit_template(tmp_path, run_dir, "-p", "low")
     at = random_steps(2, gap=8)
     for start, step in enumerate(at, 1):
         wait_for_text(log.name, tmp_path, f"start {start} on")
@@ -157,8 +162,7 @@ def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(
 
 def test_admin_requeue_mid_epoch_resumes_to_identical_weights(reference, tmp_path):
     run_dir = tmp_path / "run"
-    job = sbatch(*ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir))
-    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    job, log = submit_template(tmp_path, run_dir)
     (step,) = random_steps(1, gap=0)
     wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
     subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM, then KillWait
@@ -173,8 +177,7 @@ def test_admin_requeue_mid_epoch_resumes_to_identical_weights(reference, tmp_pat
 
 def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
-    job = sbatch(*ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir))
-    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    job, log = submit_template(tmp_path, run_dir)
     (step,) = random_steps(1, gap=0)
     wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
     subprocess.run(["scancel", job], check=True)
@@ -186,7 +189,7 @@ def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference
     assert not (run_dir / "results.json").exists()
     assert_no_rank_left(run_dir)
 
-    again = sbatch(*ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir))
+    again, _ = submit_template(tmp_path, run_dir)
     assert wait_done(again) == "COMPLETED"
     assert resumed_steps(run_dir) == [None, saved]
     assert_same_weights(run_dir, reference)

@@ -26,8 +26,8 @@ fi
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   echo "docker: building $BASE with debootstrap" >&2
   root=$(mktemp -d)
-  debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" \
-    http://deb.debian.org/debian >/dev/null
+  # No mirror argument: debootstrap's own default.
+  debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" >/dev/null
   tar -C "$root" -c . | docker import - "$BASE" >/dev/null
   rm -rf "$root"
 fi
