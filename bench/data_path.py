@@ -19,6 +19,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from cifar_job.config import TrainConfig
 from cifar_job.data import (
     FOLDER,
     MEAN,
@@ -76,7 +77,13 @@ def rate(batches) -> float:
 
 def ours(root: Path, loader: str, workers: int, passes: int = 1) -> float:
     dm = CIFAR10DataModule(
-        str(root), batch_size=BATCH, val_size=0, num_workers=workers, loader=loader
+        TrainConfig(
+            data_dir=str(root),
+            batch_size=BATCH,
+            val_size=0,
+            num_workers=workers,
+            data_loader=loader,
+        )
     )
     dm.setup("fit")
     g = torch.Generator().manual_seed(0)

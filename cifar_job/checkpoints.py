@@ -8,8 +8,9 @@ How a run stops, and how the next start picks up where it stopped:
   only note the signal: saving from inside one would deadlock under DDP, because
   `Trainer.save_checkpoint` ends in a barrier that ranks without the signal never reach.
 - **Agreement.** After every optimizer step the ranks agree, with one tiny all-reduce over a
-  gloo group of their own, on whether any of them was signalled and whether a periodic save
-  is due (rank 0's clock decides). So they all save the same step, together.
+  gloo group of their own, on whether any of them was signalled, whether --max-time is up
+  and whether a periodic save is due (rank 0's clock decides both). So they all save the
+  same step, together.
 - **Saves.** `last.ckpt` is written to a temporary file, fsynced and renamed into place: a
   kill mid-write leaves the previous checkpoint whole. Periodic saves (--checkpoint-every)
   land mid-epoch with the loader's exact position, which bounds what a stop without warning
@@ -51,9 +52,10 @@ STOP_EXIT = 128 + signal.SIGTERM
 # status (--kill-on-bad-exit may kill a rank that was exiting after the others).
 MARKER = "preempted.json"
 LAST = "last.ckpt"
-# What each signal asks for. A higher code wins when ranks got different signals: a SIGTERM
-# anywhere means Slurm is stopping the whole job.
-REQUEUE, STOP = 1, 2
+# Why a run stops. A higher code wins when ranks disagree: a SIGTERM anywhere means Slurm is
+# stopping the whole job. TIME_UP is --max-time running out (rank 0's clock); it ends the
+# start as a time limit does: saved, exit 75, rerun or requeue to continue.
+TIME_UP, REQUEUE, STOP = 1, 2, 3
 SIGNALS = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: STOP}
 
 
@@ -126,7 +128,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
         chosen = self.resume_path or path
-        return super().load_checkpoint(chosen, map_location=map_location, weights_only=weights_only)
+        checkpoint = super().load_checkpoint(
+            chosen, map_location=map_location, weights_only=weights_only
+        )
+        return rebase(checkpoint, os.path.realpath(Path(chosen).parent))
+
+
+def rebase(checkpoint: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """The checkpoint with the paths its ModelCheckpoint states hold moved into run_dir.
+
+    They are absolute. In a run directory that was moved or copied, Lightning would keep the
+    old best_model_path (and test a checkpoint of the old directory, or one that is gone)
+    and forget which best-epoch file to replace.
+    """
+    for state in checkpoint.get("callbacks", {}).values():
+        old = state.get("dirpath") if isinstance(state, dict) else None
+        if not isinstance(old, str) or old == run_dir:
+            continue
+
+        def moved(value: Any, old: str = old) -> Any:
+            if isinstance(value, str) and value.startswith(old + os.sep):
+                return run_dir + value[len(old) :]
+            return value
+
+        for key, value in list(state.items()):
+            if isinstance(value, dict):
+                state[key] = {moved(k): v for k, v in value.items()}
+            else:
+                state[key] = moved(value)
+        state["dirpath"] = run_dir
+    return checkpoint
 
 
 def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
@@ -175,19 +206,31 @@ class CheckpointPolicy(Callback):
     """Stops on a signal after saving, saves periodically, and makes every rank resume from
     the checkpoint rank 0 chose. One instance per Trainer; see the module docstring."""
 
-    def __init__(self, run_dir: Path, every_minutes: float, resume_from: str | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        every_minutes: float,
+        resume_from: str | None,
+        max_time_s: float | None = None,
+    ) -> None:
         self.run_dir, self.resume_from = run_dir, resume_from
         self.every_s = every_minutes * 60
-        self.last_save = time.monotonic()
+        # Per start, unlike Lightning's max_time (whose clock a resumed run restores, so a
+        # rerun with the same value stopped at once and then reported an unfinished run).
+        self.max_time_s = max_time_s
+        self.last_save = self.started = time.monotonic()
         self.group: Any = None
 
     # --- agreement
 
     def _agree(self, trainer: L.Trainer) -> tuple[int, bool]:
-        """(the most serious signal's code on any rank, whether rank 0 says a save is due)."""
+        """(the most serious stop code on any rank, whether rank 0 says a save is due)."""
         sig = pending_signal()
         code = SIGNALS[sig] if sig is not None else 0
-        due = bool(trainer.training) and 0 < self.every_s <= time.monotonic() - self.last_save
+        now = time.monotonic()
+        if code == 0 and self.max_time_s is not None and trainer.training:
+            code = TIME_UP if now - self.started >= self.max_time_s else 0
+        due = bool(trainer.training) and 0 < self.every_s <= now - self.last_save
         if self.group is None:
             return code, due
         flags = torch.tensor([code, int(due and trainer.is_global_zero)], dtype=torch.int32)
@@ -218,7 +261,7 @@ class CheckpointPolicy(Callback):
             trainer.strategy.checkpoint_io.resume_path = None  # type: ignore[union-attr]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.last_save = time.monotonic()  # the clock counts training, not start-up
+        self.last_save = self.started = time.monotonic()  # clocks count training, not start-up
         code, _ = self._agree(trainer)
         if code:  # signalled during start-up: nothing new to save
             self._stop(trainer, code, save=False)
@@ -256,7 +299,9 @@ class CheckpointPolicy(Callback):
     def _stop(self, trainer: L.Trainer, code: int, save: bool) -> None:
         sig = pending_signal()
         name = signal.Signals(sig).name if sig is not None else "a signal on another rank"
-        requeue = code == REQUEUE
+        if code == TIME_UP:
+            name = "--max-time reached"
+        requeue = code in (TIME_UP, REQUEUE)
         if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
             marker = {"step": trainer.global_step, "signal": name, "requeue": requeue}
             (self.run_dir / MARKER).write_text(json.dumps(marker) + "\n")

@@ -1,6 +1,8 @@
 """The `cifar-job` command line. torch and Lightning are imported only inside commands, so
-`--help` answers at once; library errors become one-line messages with exit codes
-(2: bad input, 1: the environment or the files)."""
+`--help` answers at once. Exit codes: 2 for a bad option or value (OptionError), 1 for a
+problem with the environment, a file or the data (CifarJobError, a missing or unreadable
+file), each with a one-line message that names the thing. Anything else is a bug and keeps
+its traceback."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from typing import Any
 
 import click
 
-from cifar_job import CifarJobError, Preempted, __version__
-from cifar_job.config import DATASETS, TrainConfig, dashed, load_config_file
+from cifar_job import CifarJobError, OptionError, Preempted, __version__, quiet_deprecations
+from cifar_job.config import TrainConfig, dashed, load_config_file
+from cifar_job.launch import SlurmOptions
 
 ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
 FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
@@ -28,11 +31,13 @@ class Cli(click.Group):
         except Preempted as e:  # saved; the exit status tells the launcher what to do next
             click.echo(f"cifar-job: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OptionError as e:
+            raise click.UsageError(str(e), ctx) from None
         except CifarJobError as e:
             raise click.ClickException(str(e)) from None
-        except ValueError as e:
-            raise click.UsageError(str(e), ctx) from None
-        except (FileNotFoundError, PermissionError) as e:
+        except OSError as e:
+            if e.filename is None:  # not about one file: a bug, or the machine; keep it all
+                raise
             raise click.ClickException(f"{e.filename}: {e.strerror}") from None
         except Exception as e:
             # Lightning's own checks of accelerator, devices, strategy and precision.
@@ -46,7 +51,7 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value:
         try:
             values = load_config_file(value)
-        except (OSError, ValueError) as e:
+        except OptionError as e:
             raise click.BadParameter(str(e), ctx, param) from None
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown := sorted(set(values) - known):
@@ -55,28 +60,32 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def config_option(name: str, **overrides: Any) -> Callable[..., Any]:
+    """The click option of one TrainConfig field: its default, help and choices, unless
+    `overrides` says otherwise (as for `test`, whose defaults come from the checkpoint)."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    help_text, choices = f.metadata["help"], f.metadata["choices"]
+    if f.type == "bool":
+        decl = f"--{dashed(name)}/--no-{dashed(name)}"
+        settings = {"default": f.default, "show_default": True, "help": help_text}
+        return click.option(decl, **{**settings, **overrides})
+    kind = click.Choice(choices) if choices else FIELD_TYPES[str(f.type)]
+    settings = {
+        "type": kind,
+        "default": f.default,
+        "show_default": True,
+        "help": help_text,
+        # The container image points these at its /data and /runs volumes.
+        "envvar": ENV_DEFAULTS.get(name),
+        "show_envvar": name in ENV_DEFAULTS,
+    }
+    return click.option(f"--{dashed(name)}", name, **{**settings, **overrides})
+
+
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """One click option per TrainConfig field, with its default, help and choices."""
+    """One click option per TrainConfig field, and --config FILE."""
     for f in reversed(dataclasses.fields(TrainConfig)):
-        help_text, choices = f.metadata["help"], f.metadata["choices"]
-        if f.type == "bool":
-            decl = f"--{dashed(f.name)}/--no-{dashed(f.name)}"
-            command = click.option(decl, default=f.default, show_default=True, help=help_text)(
-                command
-            )
-            continue
-        kind = click.Choice(choices) if choices else FIELD_TYPES[str(f.type)]
-        command = click.option(
-            f"--{dashed(f.name)}",
-            f.name,
-            type=kind,
-            default=f.default,
-            show_default=True,
-            help=help_text,
-            # The container image points these at its /data and /runs volumes.
-            envvar=ENV_DEFAULTS.get(f.name),
-            show_envvar=f.name in ENV_DEFAULTS,
-        )(command)
+        command = config_option(f.name)(command)
     return click.option(
         "--config",
         "config_file",
@@ -86,6 +95,25 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
         callback=_read_config,
         help="YAML or JSON file of option values; the command line wins.",
     )(command)
+
+
+def slurm_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per SlurmOptions field (--time, --nodes, ...), with its default."""
+    for f in reversed(dataclasses.fields(SlurmOptions)):
+        if "help" not in f.metadata:
+            continue
+        kind: Any = str
+        if str(f.type).startswith("int"):
+            kind = click.IntRange(min=f.metadata["min"])
+        command = click.option(
+            f"--{dashed(f.name)}",
+            f.name,
+            type=kind,
+            default=f.default,
+            show_default=f.default is not None,
+            help=f.metadata["help"],
+        )(command)
+    return command
 
 
 @click.group(
@@ -101,6 +129,7 @@ def main() -> None:
       cifar-job train --data-dir data --run-dir runs/r34
     Rerunning the same train command resumes from the run directory's last checkpoint.
     """
+    quiet_deprecations()
 
 
 @main.command()
@@ -134,12 +163,20 @@ def train(print_config: bool, **values: Any) -> None:
 
 @main.command()
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint to evaluate.")
-@click.option("--data-dir", default=None, help="CIFAR-10 directory. [default: the run's own]")
-@click.option("--accelerator", default="auto", help="cpu, gpu or auto.")
-@click.option("--batch-size", default=256, type=click.IntRange(min=1), help="Batch size.")
+@config_option("data_dir", default=None, help="CIFAR-10 directory. [default: the run's own]")
+@config_option("accelerator")
+@config_option(
+    "batch_size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Batch size. [default: the run's own]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-def test(ckpt: str, data_dir: str | None, accelerator: str, batch_size: int, as_json: bool) -> None:
-    """Evaluate a checkpoint on the test set (of the dataset it was trained on)."""
+def test(
+    ckpt: str, data_dir: str | None, accelerator: str, batch_size: int | None, as_json: bool
+) -> None:
+    """Evaluate a checkpoint on the test set of the dataset it was trained on, with its own
+    precision and batch size: it reproduces the run's results.json."""
     from cifar_job.inference import evaluate
 
     metrics = evaluate(ckpt, data_dir, accelerator, batch_size)
@@ -171,13 +208,7 @@ def predict(ckpt: str, top_k: int, as_json: bool, images: tuple[str, ...]) -> No
 
 
 @main.command()
-@click.option(
-    "--data-dir",
-    default="data",
-    envvar="CIFAR_JOB_DATA_DIR",
-    show_envvar=True,
-    help="Where to put the data.",
-)
+@config_option("data_dir")
 @click.option("--url", default=None, help="Mirror URL (http, https or file://) of the archive.")
 @click.option("--md5", default=None, help="md5 of the archive at --url. [default: official]")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -240,33 +271,7 @@ def _sbatch_pairs(
 
 @main.command(context_settings={"show_default": True})
 @config_options
-@click.option(
-    "--nodes", default=1, type=click.IntRange(min=1), help="Nodes (the Trainer's --num-nodes)."
-)
-@click.option("--gpus-per-node", default=1, type=click.IntRange(min=0), help="GPUs per node.")
-@click.option(
-    "--tasks-per-node",
-    default=None,
-    type=click.IntRange(min=1),
-    help="Tasks (ranks) per node. [default: one per GPU]",
-)
-@click.option("--cpus-per-task", default=8, type=click.IntRange(min=1), help="CPUs per task.")
-@click.option("--mem", default=None, help="Memory per node, e.g. 64G.")
-@click.option(
-    "--time", "time_limit", default="24:00:00", help="Time limit (HH:MM:SS, D-HH:MM:SS or minutes)."
-)
-@click.option("--partition", default=None, help="Slurm partition.")
-@click.option("--account", default=None, help="Slurm account.")
-@click.option("--qos", default=None, help="Slurm QOS.")
-@click.option("--constraint", default=None, help="Slurm node constraint.")
-@click.option("--container-image", default=None, help="Run in this image (pyxis/enroot).")
-@click.option(
-    "--max-requeues",
-    default=10,
-    type=click.IntRange(min=0),
-    help="Requeues at the time limit before giving up (Slurm's own requeues on preemption "
-    "do not count).",
-)
+@slurm_options
 @click.option(
     "--sbatch",
     "extra",
@@ -286,29 +291,15 @@ def submit(**values: Any) -> None:
     --checkpoint-every minutes, and resumes in the same --run-dir. Follow it with
     `cifar-job status`.
     """
-    slurm_keys = (
-        "nodes",
-        "gpus_per_node",
-        "tasks_per_node",
-        "cpus_per_task",
-        "mem",
-        "partition",
-        "account",
-        "qos",
-        "constraint",
-        "container_image",
-        "max_requeues",
-    )
+    slurm_keys = [f.name for f in dataclasses.fields(SlurmOptions) if "help" in f.metadata]
     slurm_values = {k: values.pop(k) for k in slurm_keys}
-    dry_run, wait, extra, time_limit = (
-        values.pop(k) for k in ("dry_run", "wait", "extra", "time_limit")
-    )
+    dry_run, wait, extra = (values.pop(k) for k in ("dry_run", "wait", "extra"))
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
-    from cifar_job.launch import SlurmOptions, sbatch_text, submit, time_minutes
+    slurm = SlurmOptions(**slurm_values, extra=extra)
+    slurm.validate()  # a bad --time is a usage error before anything is written
+    from cifar_job.launch import sbatch_text, submit
 
-    time_minutes(time_limit)  # a bad --time is a usage error before anything is written
-    slurm = SlurmOptions(**slurm_values, time=time_limit, extra=extra)
     if dry_run:
         click.echo(sbatch_text(cfg, slurm), nl=False)
         return
@@ -347,32 +338,24 @@ def status(run_dir: str, as_json: bool) -> None:
         return
     job = f" (job {info['job_id']})" if info.get("job_id") else ""
     click.echo(f"{info['run_dir']}: {info['state']}{job}")
+    where = f" (in {info['checkpoint']})" if info.get("checkpoint") else ""
     click.echo(
-        f"  step {info.get('step', 0)}, epoch {info.get('epoch', 0)}, {info['restarts']} restart(s)"
+        f"  step {info.get('step', 0)}, epoch {info.get('epoch', 0)}{where}, "
+        f"{info['restarts']} restart(s)"
     )
     for key, value in sorted(info["metrics"].items()):
         click.echo(f"  {key} {value:.4f}")
+    if info.get("checkpoint_problem"):
+        click.echo(f"  warning: {info['checkpoint_problem']}")
 
 
 @main.command()
-@click.option("--devices", default="auto", help="The --devices you will train with.")
-@click.option(
-    "--num-nodes",
-    default=1,
-    type=click.IntRange(min=1),
-    help="The --num-nodes you will train with.",
-)
-@click.option("--accelerator", default="auto", help="The --accelerator you will train with.")
-@click.option(
-    "--num-workers", default=2, type=click.IntRange(min=0), help="DataLoader workers per rank."
-)
-@click.option(
-    "--data-dir",
-    default="data",
-    envvar="CIFAR_JOB_DATA_DIR",
-    help="The CIFAR-10 directory to check.",
-)
-@click.option("--dataset", default="cifar10", type=click.Choice(DATASETS), help="Dataset.")
+@config_option("devices", help="The --devices you will train with.")
+@config_option("num_nodes", type=click.IntRange(min=1), help="The --num-nodes you will train with.")
+@config_option("accelerator", help="The --accelerator you will train with.")
+@config_option("num_workers", type=click.IntRange(min=0))
+@config_option("data_dir", help="The CIFAR-10 directory to check.")
+@config_option("dataset")
 def doctor(
     devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
 ) -> None:
@@ -382,11 +365,15 @@ def doctor(
     allocation, to catch a task/device mismatch, a missing srun, a missing --signal, a small
     /dev/shm or missing data before the real job starts.
     """
-    from cifar_job.doctor import checks, environment
+    from cifar_job.doctor import Check, checks, environment
 
     for key, value in environment().items():
         click.echo(f"{key:>20}: {value}")
-    found = checks(devices, num_nodes, accelerator, num_workers, data_dir, dataset)
+    try:  # a value training would refuse is a failed check, on the cluster or off it
+        TrainConfig(devices=devices, num_nodes=num_nodes, accelerator=accelerator).validate()
+        found = checks(devices, num_nodes, accelerator, num_workers, data_dir, dataset)
+    except OptionError as e:
+        found = [Check("options", False, str(e))]
     for check in found:
         click.echo(f"{'ok' if check.ok else 'FAIL':>6}  {check.name}: {check.detail}")
     if not all(check.ok for check in found):

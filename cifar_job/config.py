@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cifar_job import CifarJobError, OptionError
+
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("cifar", "imagenet")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
@@ -20,14 +22,23 @@ SCHEDULERS = ("none", "step", "exponential", "cosine", "onecycle", "cyclic", "pl
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 DATASETS = ("cifar10", "synthetic")
 LOADERS = ("tensor", "torch")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# What a rerun of a run directory may change (see check_resume and the README's table):
+# FIXED settings define what is trained and how the data is split, so a checkpoint only
+# continues the run it came from; FREE ones are how and where it runs; max_epochs is
+# LENGTH: the schedule's rest is stretched over the new length.
+FIXED, FREE, LENGTH = "fixed", "free", "length"
 # CIFAR-10's classes in label order. Here, not in data.py, so that `plot` and `status` do not
 # import torch and Lightning for their names.
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with the help text (and choices) its CLI option shows."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(
+    default: Any, help: str, choices: tuple[str, ...] | None = None, resume: str = FIXED
+) -> Any:
+    """A config field with the help text (and choices) its CLI option shows, and what a
+    resumed run may do with it (FIXED, FREE or LENGTH)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "resume": resume})
 
 
 @dataclass
@@ -38,13 +49,16 @@ class TrainConfig:
     run_dir: str = _opt(
         "runs/cifar10",
         "Run directory: checkpoints, metrics, results. Rerunning with the same one resumes.",
+        resume=FREE,
     )
-    data_dir: str = _opt("data", "Directory holding (or receiving) cifar-10-batches-py/.")
+    data_dir: str = _opt(
+        "data", "Directory holding (or receiving) cifar-10-batches-py/.", resume=FREE
+    )
     dataset: str = _opt(
         "cifar10", "cifar10, or synthetic: generated 10-class data, no download.", DATASETS
     )
     download: bool = _opt(
-        False, "Download CIFAR-10 if missing. Compute nodes often have no internet."
+        False, "Download CIFAR-10 if missing. Compute nodes often have no internet.", resume=FREE
     )
     val_size: int = _opt(5000, "Images held out of the training set for validation.")
     data_loader: str = _opt(
@@ -52,6 +66,7 @@ class TrainConfig:
         "tensor: batches sliced from the split held on the training device, no workers. "
         "torch: a DataLoader with --num-workers workers.",
         LOADERS,
+        resume=FREE,
     )
     cutout: int = _opt(0, "Cutout: blank a random square this many pixels wide per image (0: off).")
     # 10,000 images: enough for a learnable task, small enough to generate in a second.
@@ -82,23 +97,43 @@ class TrainConfig:
     batch_size: int = _opt(128, "Global batch size, split evenly across all ranks.")
 
     # --- hardware, Lightning's names and values
-    accelerator: str = _opt("auto", "cpu, gpu, or auto.")
+    accelerator: str = _opt("auto", "Device type.", ACCELERATORS, resume=FREE)
     devices: str = _opt(
-        "auto", "Devices per node: a count, a list such as 0,1, or auto (under srun: its tasks)."
+        "auto",
+        "Devices per node: a count, a list such as 0,1, or auto (under srun: its tasks).",
+        resume=FREE,
     )
-    num_nodes: int = _opt(1, "Nodes. Under srun it is read from Slurm's allocation.")
-    strategy: str = _opt("auto", "auto, ddp, ... (Lightning's strategy names).")
-    precision: str = _opt("32", "Numeric precision.", PRECISIONS)
-    num_workers: int = _opt(2, "DataLoader worker processes per rank (--data-loader torch).")
-    channels_last: bool = _opt(False, "Channels-last memory format: faster convolutions on GPUs.")
-    compile: bool = _opt(False, "torch.compile the network (minutes of compiling, then faster).")
+    num_nodes: int = _opt(1, "Nodes. Under srun it is read from Slurm's allocation.", resume=FREE)
+    strategy: str = _opt("auto", "auto, ddp, ... (Lightning's strategy names).", resume=FREE)
+    precision: str = _opt("32", "Numeric precision.", PRECISIONS, resume=FREE)
+    num_workers: int = _opt(
+        2, "DataLoader worker processes per rank (--data-loader torch).", resume=FREE
+    )
+    channels_last: bool = _opt(
+        False, "Channels-last memory format: faster convolutions on GPUs.", resume=FREE
+    )
+    compile: bool = _opt(
+        False, "torch.compile the network (minutes of compiling, then faster).", resume=FREE
+    )
 
     # --- length and reproducibility
-    max_epochs: int = _opt(30, "Epochs to train.")
-    max_time: str | None = _opt(None, "Stop after this long, DD:HH:MM:SS. A later rerun resumes.")
-    fast_dev_run: bool = _opt(False, "One batch of train, val and test: a smoke test.")
+    max_epochs: int = _opt(
+        30,
+        "Epochs to train. A rerun with more goes on from the current learning rate and "
+        "stretches the rest of the schedule over the new length.",
+        resume=LENGTH,
+    )
+    max_time: str | None = _opt(
+        None,
+        "Train at most this long per start, DD:HH:MM:SS, then save and exit 75; rerunning the "
+        "same command continues.",
+        resume=FREE,
+    )
+    fast_dev_run: bool = _opt(False, "One batch of train, val and test: a smoke test.", resume=FREE)
     seed: int = _opt(42, "Seed for the split, the initialization and the data order.")
-    deterministic: bool = _opt(False, "Ask torch for deterministic algorithms (slower).")
+    deterministic: bool = _opt(
+        False, "Ask torch for deterministic algorithms (slower).", resume=FREE
+    )
 
     # 10 min: a stop without warning (SIGKILL, a lost node) loses at most that much training,
     # and a save (0.14 s for a ResNet34 with its optimizer state on 2 CPU cores,
@@ -107,30 +142,29 @@ class TrainConfig:
         10.0,
         "Minutes of training between mid-epoch saves of last.ckpt, on top of the one at each "
         "epoch's end (0: epoch ends only).",
+        resume=FREE,
     )
 
     # --- logging
-    tensorboard: bool = _opt(False, "Also write TensorBoard logs to <run-dir>/tensorboard.")
-    log_every_n_steps: int = _opt(50, "Steps between logged training metrics and log lines.")
+    tensorboard: bool = _opt(
+        False, "Also write TensorBoard logs to <run-dir>/tensorboard.", resume=FREE
+    )
+    log_every_n_steps: int = _opt(
+        50, "Steps between logged training metrics and log lines.", resume=FREE
+    )
 
     def validate(self) -> None:
-        """Raise ValueError, naming the option, for values no run could use."""
-        for name in (
-            "dataset",
-            "data_loader",
-            "arch",
-            "stem",
-            "optimizer",
-            "scheduler",
-            "precision",
-        ):
-            choices = field_choices(name)
-            if choices and getattr(self, name) not in choices:
-                raise ValueError(f"--{dashed(name)} must be one of {', '.join(choices)}")
+        """Raise OptionError, naming the option, for values no run could use."""
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value not in choices:
+                raise OptionError(
+                    f"--{dashed(f.name)} must be one of {', '.join(choices)}, got {value!r}"
+                )
         positive = ("batch_size", "max_epochs", "num_nodes", "log_every_n_steps", "synthetic_size")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{dashed(name)} must be 1 or more, got {getattr(self, name)}")
+                raise OptionError(f"--{dashed(name)} must be 1 or more, got {getattr(self, name)}")
         for name in (
             "lr",
             "weight_decay",
@@ -142,11 +176,14 @@ class TrainConfig:
             "checkpoint_every",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(
+                raise OptionError(
                     f"--{dashed(name)} must not be negative, got {getattr(self, name)}"
                 )
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError("--label-smoothing must be in [0, 1)")
+            raise OptionError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        parse_devices(self.devices)
+        if self.max_time is not None:
+            max_time_seconds(self.max_time)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able values."""
@@ -157,7 +194,7 @@ class TrainConfig:
         """Build from a dict; unknown keys are an error that names them."""
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise OptionError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**values)
 
 
@@ -171,15 +208,82 @@ def field_choices(name: str) -> tuple[str, ...] | None:
     return next(f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
+def parse_devices(devices: str) -> int | str | list[int]:
+    """Lightning's devices value from its CLI spelling: 2, 0,1, -1 or auto."""
+    text = str(devices).strip()
+    if text == "auto":
+        return text
+    try:
+        if "," in text:
+            return [int(d) for d in text.split(",") if d.strip()]
+        return int(text)
+    except ValueError:
+        raise OptionError(
+            f"--devices must be a count, a list such as 0,1, or auto; got {devices!r}"
+        ) from None
+
+
+def max_time_seconds(text: str) -> int:
+    """--max-time (DD:HH:MM:SS, or fewer fields from the right: HH:MM:SS, MM:SS) in seconds."""
+    try:
+        parts = [int(p) for p in text.split(":")]
+        if not 1 <= len(parts) <= 4 or min(parts) < 0:
+            raise ValueError
+    except ValueError:
+        raise OptionError(f"--max-time {text!r}: use DD:HH:MM:SS, e.g. 00:11:30:00") from None
+    seconds = sum(p * unit for p, unit in zip(reversed(parts), (1, 60, 3600, 86400)))
+    if seconds < 1:
+        raise OptionError(f"--max-time {text!r} must be at least one second")
+    return seconds
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read option values from a YAML or JSON file; keys may use dashes or underscores."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise OptionError(f"{path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise OptionError(f"{path}: not a text file; give a YAML or JSON file") from None
     if str(path).endswith(".json"):
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise OptionError(f"{path}: not valid JSON: {e}") from None
     else:
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise OptionError(f"{path}: not valid YAML{at}: {problem}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
+        raise OptionError(f"{path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of a run directory; a damaged one is an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CifarJobError(
+            f"{path} is damaged ({e}); it holds {what}. Restore it from a copy, or move it "
+            "away to carry on without it."
+        ) from None
+
+
+def resume_clashes(old: dict[str, Any], new: TrainConfig) -> list[str]:
+    """The settings that a rerun of a run directory saved with `old` may not change."""
+    clashes = []
+    for f in dataclasses.fields(new):
+        if f.name not in old or old[f.name] == getattr(new, f.name):
+            continue
+        fixed = f.metadata["resume"] == FIXED
+        # onecycle's shape is its total length: a changed length cannot continue it.
+        if fixed or (f.metadata["resume"] == LENGTH and new.scheduler == "onecycle"):
+            clashes.append(f"--{dashed(f.name)} {old[f.name]} (now {getattr(new, f.name)})")
+    return clashes

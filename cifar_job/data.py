@@ -8,13 +8,18 @@ environment variables or ranks: the DataModule asks its Trainer for the world si
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import shutil
+import socket
 import sys
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,8 +30,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cifar_job import CifarJobError
-from cifar_job.config import CLASSES, DATASETS, LOADERS
+from cifar_job import CifarJobError, OptionError
+from cifar_job.config import CLASSES, TrainConfig
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -53,34 +58,54 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def fetch(url: str, dest: Path, progress: bool = True) -> None:
-    """Copy `url` (http, https or file) to `dest` atomically, with a progress bar."""
+    """Copy `url` (http, https or file) to `dest`, with a progress bar; no file on failure."""
     from tqdm import tqdm
 
-    tmp = dest.with_name(dest.name + ".part")
     try:
         # 60 s: long enough for a slow mirror, short enough that an offline node fails fast-ish.
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=total,
                 unit="B",
                 unit_scale=True,
-                desc=dest.name,
+                desc=ARCHIVE_NAME,
                 disable=not progress,
                 file=sys.stderr,
             ) as bar:
                 while block := response.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))
-        os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise CifarJobError(
             f"could not download {url}: {reason}. With no internet here, run "
             "`cifar-job download` on a machine that has it (a login node) and copy the data "
             "directory, or pass --url with an internal mirror or a file:// path and --md5."
         ) from None
+
+
+@contextlib.contextmanager
+def download_lock(root: Path) -> Iterator[None]:
+    """Hold the data directory's download lock: one writer at a time, on every node.
+
+    A POSIX lock on a file in the directory, which NFS and Lustre (mounted with flock)
+    share between nodes, and which the kernel drops when its holder dies. Where the
+    filesystem has no locks, downloads still cannot corrupt each other (each stages its
+    own copy and renames it into place); they only repeat the work.
+    """
+    with open(root / ".download.lock", "a") as f:
+        try:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another download into {root} ...", file=sys.stderr)
+                fcntl.lockf(f, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        yield
 
 
 def extract(archive: Path, root: Path) -> None:
@@ -104,25 +129,46 @@ def download(
 ) -> dict[str, Any]:
     """Fetch, verify and extract CIFAR-10 into data_dir; do nothing if it is already there.
 
+    Safe to run from many nodes on one shared directory: one downloads, the others wait for
+    it and then find the data verified. Nothing in place is replaced until its replacement
+    is whole and checked: the archive is fetched under a temporary name and kept only if
+    its md5 matches, and the batches are extracted and verified in a staging directory,
+    then renamed into place with their verified marker inside.
+
     Returns the verification summary, with "already" true when nothing had to be done.
     """
     root = Path(data_dir)
     if (summary := read_verified(root)) is not None:
         return {**summary, "already": True}
+    if root.exists() and not root.is_dir():
+        raise CifarJobError(f"--data-dir {root} is a file; give a directory")
     root.mkdir(parents=True, exist_ok=True)
-    archive = root / ARCHIVE_NAME
-    if not (archive.exists() and md5sum(archive) == md5):
-        fetch(url, archive, progress)
-    actual = md5sum(archive)
-    if actual != md5:
-        archive.unlink()
-        raise CifarJobError(
-            f"md5 mismatch for {url}: expected {md5}, got {actual}. The file was deleted; "
-            "check the URL and the --md5 value, then run `cifar-job download` again."
-        )
-    shutil.rmtree(root / FOLDER, ignore_errors=True)
-    extract(archive, root)
-    return {**verify(root), "already": False}
+    with download_lock(root):
+        if (summary := read_verified(root)) is not None:  # done by the one we waited for
+            return {**summary, "already": True}
+        archive = root / ARCHIVE_NAME
+        if not (archive.exists() and md5sum(archive) == md5):
+            part = root / f".{ARCHIVE_NAME}.{socket.gethostname()}.{os.getpid()}.part"
+            fetch(url, part, progress)
+            actual = md5sum(part)
+            if actual != md5:
+                part.unlink()
+                raise CifarJobError(
+                    f"md5 mismatch for {url}: expected {md5}, got {actual}. The download was "
+                    "discarded and nothing in the data directory changed; check the URL and "
+                    "the --md5 value, then run `cifar-job download` again."
+                )
+            os.replace(part, archive)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+        try:
+            extract(archive, staging)
+            summary = verify(staging)
+            if (root / FOLDER).exists():  # damaged or unverified: out of the way, then gone
+                os.rename(root / FOLDER, staging / "replaced")
+            os.rename(staging / FOLDER, root / FOLDER)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {**summary, "already": False}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -198,14 +244,25 @@ def verify(data_dir: str | Path) -> dict[str, Any]:
         "test": len(test),
         "classes": int(torch.cat([train, test]).unique().numel()),
     }
-    (root / FOLDER / VERIFIED_MARKER).write_text(json.dumps(summary))
+    marker = root / FOLDER / VERIFIED_MARKER
+    tmp = marker.with_name(f"{VERIFIED_MARKER}.{socket.gethostname()}.{os.getpid()}.tmp")
+    try:  # atomically: a reader on another node sees no marker or a whole one
+        tmp.write_text(json.dumps(summary))
+        os.replace(tmp, marker)
+    except OSError:  # a read-only copy (a site's shared data): verified again at each start
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return summary
 
 
 def read_verified(data_dir: str | Path) -> dict[str, Any] | None:
-    """The summary of an earlier successful verify, or None."""
+    """The summary of an earlier successful verify, or None (also for a damaged marker)."""
     marker = Path(data_dir) / FOLDER / VERIFIED_MARKER
-    return json.loads(marker.read_text()) if marker.exists() else None
+    try:
+        summary = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "train" in summary else None
 
 
 def make_synthetic(n: int, seed: int, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,9 +357,11 @@ class ShardSampler(Sampler[int]):
     """This rank's share of the data: a seeded permutation per epoch, split across ranks.
 
     Every rank gets the same number of indices (the remainder is dropped while shuffling, so
-    no rank waits for another), and the shards of one epoch are disjoint. `skip` drops the
-    first indices of the next pass, which is how a run resumed mid-epoch continues with
-    exactly the batches it had not yet seen.
+    no rank waits for another), and the shards of one epoch are disjoint: rank r takes every
+    world-th index of the permutation, so a global batch is a run of consecutive ones.
+    `skip` drops that many samples from the front of the next pass's permutation before it
+    is split, which is how a run resumed mid-epoch, on any number of ranks, continues with
+    exactly the samples it had not yet seen.
     """
 
     def __init__(self, n: int, rank: int, world: int, shuffle: bool, seed: int) -> None:
@@ -318,12 +377,12 @@ class ShardSampler(Sampler[int]):
         order = torch.randperm(
             self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
         )
-        per_rank = self.n // self.world
-        return order[self.rank : per_rank * self.world : self.world]
+        rest = order[self.skip : self.n - self.n % self.world]
+        return rest[self.rank : len(rest) - len(rest) % self.world : self.world]
 
     def epoch_indices(self) -> torch.Tensor:
         """This pass's indices as a tensor; a pending skip applies to this pass only."""
-        indices, self.skip = self._indices()[self.skip :], 0
+        indices, self.skip = self._indices(), 0
         return indices
 
     def __iter__(self) -> Iterator[int]:
@@ -371,56 +430,40 @@ class TensorLoader:
 class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10 (or synthetic data of its shape): split, batched, augmented on the device."""
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        dataset: str = "cifar10",
-        batch_size: int = 128,
-        val_size: int = 5000,
-        num_workers: int = 2,
-        seed: int = 42,
-        download: bool = False,
-        synthetic_size: int = 10000,
-        loader: str = "tensor",
-        cutout: int = 0,
-    ) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
-        for name, value, choices in (("dataset", dataset, DATASETS), ("loader", loader, LOADERS)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        self.data_dir, self.dataset, self.global_batch = data_dir, dataset, batch_size
-        self.val_size, self.num_workers, self.seed = val_size, num_workers, seed
-        self.allow_download, self.synthetic_size = download, synthetic_size
-        self.loader, self.cutout = loader, cutout
+        self.cfg = cfg
         self.splits: dict[str, TensorImages] = {}
         self.resume_position: tuple[int, int] | None = None
         self.on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare_data(self) -> None:
         """Download (when allowed) and verify, once per node; never download otherwise."""
-        if self.dataset != "cifar10" or read_verified(self.data_dir) is not None:
+        data_dir = self.cfg.data_dir
+        if self.cfg.dataset != "cifar10" or read_verified(data_dir) is not None:
             return
-        if self.allow_download:
-            download(self.data_dir)
-        elif not (Path(self.data_dir) / FOLDER).is_dir():
-            load_split(self.data_dir, train=True)  # raises the error that says what to run
+        if self.cfg.download:
+            download(data_dir)
+        elif not (Path(data_dir) / FOLDER).is_dir():
+            load_split(data_dir, train=True)  # raises the error that says what to run
         else:
-            verify(self.data_dir)
+            verify(data_dir)
 
     def setup(self, stage: str) -> None:
         """Read the splits into memory; the train/val split depends on the seed alone."""
         if self.splits:
             return
-        if self.dataset == "synthetic":
-            train = make_synthetic(self.synthetic_size, self.seed, "train")
-            test = make_synthetic(max(self.synthetic_size // 5, 100), self.seed, "test")
+        cfg = self.cfg
+        if cfg.dataset == "synthetic":
+            train = make_synthetic(cfg.synthetic_size, cfg.seed, "train")
+            test = make_synthetic(max(cfg.synthetic_size // 5, 100), cfg.seed, "test")
         else:
-            train, test = load_split(self.data_dir, True), load_split(self.data_dir, False)
+            train, test = load_split(cfg.data_dir, True), load_split(cfg.data_dir, False)
         n = len(train[1])
-        if self.val_size >= n:
-            raise ValueError(f"--val-size {self.val_size} leaves no training images (of {n})")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        if cfg.val_size >= n:
+            raise OptionError(f"--val-size {cfg.val_size} leaves no training images (of {n})")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
         self.splits = {
             "train": TensorImages(train[0][train_idx], train[1][train_idx]),
             "val": TensorImages(train[0][val_idx], train[1][val_idx]),
@@ -436,20 +479,20 @@ class CIFAR10DataModule(L.LightningDataModule):
     @property
     def batch_per_rank(self) -> int:
         rank, world = self.world
-        if self.global_batch % world:
-            raise ValueError(
-                f"--batch-size {self.global_batch} is the global batch and must divide evenly "
+        if self.cfg.batch_size % world:
+            raise OptionError(
+                f"--batch-size {self.cfg.batch_size} is the global batch and must divide evenly "
                 f"across {world} ranks"
             )
-        return self.global_batch // world
+        return self.cfg.batch_size // world
 
     def _loader(self, split: str, shuffle: bool) -> TensorLoader | DataLoader:
         rank, world = self.world
         data = self.splits[split]
-        sampler = ShardSampler(len(data), rank, world, shuffle, self.seed)
+        sampler = ShardSampler(len(data), rank, world, shuffle, self.cfg.seed)
         if shuffle:
             self.position_sampler(sampler)
-        if self.loader == "tensor":
+        if self.cfg.data_loader == "tensor":
             images, labels = self.split_on_device(split)
             return TensorLoader(images, labels, sampler, self.batch_per_rank, drop_last=shuffle)
         return DataLoader(
@@ -457,8 +500,8 @@ class CIFAR10DataModule(L.LightningDataModule):
             batch_size=self.batch_per_rank,
             sampler=sampler,
             drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -474,18 +517,24 @@ class CIFAR10DataModule(L.LightningDataModule):
         return self.on_device[key]
 
     def state_dict(self) -> dict[str, Any]:
-        """The training loader's position: the epoch and how many of its batches are done.
+        """The training loader's position: the epoch and how many of its samples are done.
 
         Lightning saves this in every checkpoint and restores it before it first asks for
-        the train loader, so a run resumed mid-epoch starts with the first unseen batch.
+        the train loader, so a run resumed mid-epoch starts with the first unseen sample.
+        Counted in samples, not batches: the resumed run may have another number of ranks.
         """
         if self.trainer is None:
             return {}
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "batches_done": done}
+        return {"epoch": self.trainer.current_epoch, "samples_done": done * self.cfg.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.resume_position = (state["epoch"], state["batches_done"]) if state else None
+        if not state:
+            self.resume_position = None
+        elif "samples_done" in state:
+            self.resume_position = (state["epoch"], state["samples_done"])
+        else:  # written before 0.2: batches of the same global batch size
+            self.resume_position = (state["epoch"], state["batches_done"] * self.cfg.batch_size)
 
     def position_sampler(self, sampler: ShardSampler) -> None:
         """Set the sampler's epoch, and its skip if this loader resumes a checkpointed run."""
@@ -494,8 +543,9 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self.resume_position is not None:
             (epoch, done), self.resume_position = self.resume_position, None
         sampler.set_epoch(epoch)
-        if done < len(sampler) // self.batch_per_rank:  # an epoch-end checkpoint skips nothing
-            sampler.skip = done * self.batch_per_rank
+        epoch_samples = len(sampler) // self.batch_per_rank * self.cfg.batch_size
+        if done < epoch_samples:  # an epoch-end checkpoint skips nothing
+            sampler.skip = done
 
     def train_dataloader(self) -> TensorLoader | DataLoader:
         return self._loader("train", shuffle=True)
@@ -513,6 +563,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         if trainer is not None and trainer.training:
             # Seeded by step and rank, so a resumed run draws the same crops and flips.
             g = torch.Generator(device=images.device)
-            g.manual_seed(self.seed * 1_000_003 + trainer.global_step * 4099 + trainer.global_rank)
-            images = augment(images, g, cutout=self.cutout)
+            seed = self.cfg.seed * 1_000_003 + trainer.global_step * 4099 + trainer.global_rank
+            g.manual_seed(seed)
+            images = augment(images, g, cutout=self.cfg.cutout)
         return normalize(images), labels

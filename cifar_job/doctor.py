@@ -4,7 +4,6 @@ run stands. Like trainer.py and launch.py, this module reads the cluster's envir
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -204,30 +203,28 @@ def _size(n: int | None) -> str:
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """Where a run stands: state, step, epoch, restarts and the last metrics."""
-    import torch
-
     from cifar_job import CifarJobError
+    from cifar_job.config import read_json
     from cifar_job.plot import metrics_files
 
     run_dir = Path(run_dir)
     manifest_path = run_dir / "manifest.json"
+    if not run_dir.is_dir():
+        raise CifarJobError(f"{run_dir} does not exist or is not a directory")
     if not manifest_path.exists():
         raise CifarJobError(f"{run_dir} has no manifest.json: not a cifar-job run directory")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, "the run's history (version, starts, final metrics)")
     starts = manifest.get("starts", [])
     status: dict[str, Any] = {
         "run_dir": str(run_dir),
         "starts": len(starts),
         "restarts": max(len(starts) - 1, 0),
     }
-    last = run_dir / "last.ckpt"
-    if last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        status |= {"step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+    status |= checkpoint_position(run_dir)
     job_id = starts[-1].get("job_id") if starts else None
     if (run_dir / "results.json").exists():
         status["state"] = "finished"
-        final = json.loads((run_dir / "results.json").read_text())
+        final = read_json(run_dir / "results.json", "the final test results")
         status["metrics"] = {
             k: v for k, v in final.items() if k.startswith("test/") and k != "test/confusion"
         }
@@ -236,6 +233,31 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         status["metrics"] = last_metrics(metrics_files(run_dir))
     status["job_id"] = job_id
     return status
+
+
+def checkpoint_position(run_dir: Path) -> dict[str, Any]:
+    """Step and epoch of the checkpoint the next start resumes from, and which one it is."""
+    import warnings
+
+    from cifar_job import CifarJobError
+    from cifar_job.checkpoints import find_resume_checkpoint
+
+    with warnings.catch_warnings(record=True) as skipped:  # damaged ones are reported below
+        warnings.simplefilter("always")
+        try:
+            path, _ = find_resume_checkpoint(run_dir)
+        except CifarJobError as e:
+            return {"checkpoint_problem": str(e)}
+    info: dict[str, Any] = {}
+    if skipped:
+        info["checkpoint_problem"] = "; ".join(str(w.message) for w in skipped)
+    if path is not None:
+        import torch
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        info |= {"step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+        info["checkpoint"] = Path(path).name
+    return info
 
 
 def slurm_state(job_id: str) -> str:
@@ -248,13 +270,12 @@ def slurm_state(job_id: str) -> str:
 
 def last_metrics(paths: list[Path]) -> dict[str, float]:
     """The newest value of each validation and epoch-level training metric."""
-    import csv
+    from cifar_job.plot import csv_rows
 
     latest: dict[str, float] = {}
     for path in paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                for key, value in row.items():
-                    if value and (key.startswith("val/") or key.endswith("_epoch")):
-                        latest[key] = float(value)
+        for row in csv_rows(path):
+            for key, value in row.items():
+                if value and (key.startswith("val/") or key.endswith("_epoch")):
+                    latest[key] = float(value)
     return latest

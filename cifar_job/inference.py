@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,14 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, TrainConfig]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CifarJobError(f"checkpoint {path} does not exist")
+        raise CifarJobError(f"checkpoint {path} does not exist or is not a file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CifarJobError(f"{path} is not a readable cifar-job checkpoint ({first})") from None
+    except Exception as e:  # a text file or a truncated one: the unpickler raises anything
+        why = "not a PyTorch file, or cut short"
+        if "Weights only load failed" in str(e):
+            why = "it holds code or objects besides tensors, which are not loaded, for safety"
+        raise CifarJobError(f"{path} is not a readable cifar-job checkpoint: {why}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CifarJobError(f"{path} is not a cifar-job checkpoint (no state_dict and config)")
     try:
@@ -53,11 +54,17 @@ def load_image(path: str | Path) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        # Pillow only warns between MAX_IMAGE_PIXELS (89 million) and twice that: an image
+        # that large is not a photo to classify, and decoding it takes gigabytes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     except FileNotFoundError:
         raise CifarJobError(f"image {path} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CifarJobError(f"image {path} is too large to decode safely: {e}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise CifarJobError(f"cannot read image {path}: {e}") from None
     return data.view(32, 32, 3).permute(2, 0, 1).contiguous()
@@ -79,20 +86,26 @@ def predict(
 def evaluate(
     ckpt_path: str | Path,
     data_dir: str | None = None,
-    accelerator: str = "auto",
-    batch_size: int = 256,
+    accelerator: str | None = None,
+    batch_size: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, float]:
-    """Test-set metrics of a checkpoint, on the data it was trained on (or on data_dir)."""
+    """Test-set metrics of a checkpoint, on the data it was trained on (or on data_dir), with
+    its own batch size and precision unless told otherwise."""
     from cifar_job.module import CifarClassifier
     from cifar_job.train import build_datamodule
     from cifar_job.trainer import build_eval_trainer
 
     net, cfg = load_checkpoint(ckpt_path)
     cfg.data_dir = data_dir or cfg.data_dir
-    cfg.batch_size, cfg.pretrained, cfg.download = batch_size, False, False
+    cfg.batch_size = batch_size or cfg.batch_size
+    # No download of ImageNet weights that are replaced at once, and no minutes of compiling
+    # for one pass over the test set: the compiled network computes the same function.
+    cfg.pretrained = cfg.download = cfg.compile = False
     model = CifarClassifier(cfg.to_dict())
-    model.net = net
-    trainer = build_eval_trainer(accelerator, progress)
+    # Into the module's own network: a replaced one would leave its forward (channels-last,
+    # compiled) running the weights it was built with.
+    model.net.load_state_dict(net.state_dict())
+    trainer = build_eval_trainer(accelerator or cfg.accelerator, cfg.precision, progress)
     metrics = trainer.test(model, datamodule=build_datamodule(cfg), verbose=False)[0]
     return {k: float(v) for k, v in metrics.items()}

@@ -17,44 +17,60 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import submitit
-
-from cifar_job import Preempted
+from cifar_job import CifarJobError, OptionError, Preempted
 from cifar_job.config import TrainConfig
+
+if TYPE_CHECKING:  # submitit is imported when a script is made: `--help` stays fast
+    import submitit
 
 # The batch-script half of the protocol, shipped in the package (slurm/requeue.sh links to it).
 REQUEUE_SCRIPT = Path(__file__).with_name("requeue.sh")
 
 
+def _slurm(default: Any, help: str, minimum: int | None = None) -> Any:
+    """A SlurmOptions field with the help its `submit` option shows (and its least value)."""
+    return field(default=default, metadata={"help": help, "min": minimum})
+
+
 @dataclass
 class SlurmOptions:
-    """What `cifar-job submit` asks Slurm for."""
+    """What `cifar-job submit` asks Slurm for; each field is one of its options."""
 
-    nodes: int = 1
-    gpus_per_node: int = 1
-    tasks_per_node: int | None = None  # default: one per GPU (one if no GPUs)
-    cpus_per_task: int = 8
-    mem: str | None = None
-    time: str = "24:00:00"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    container_image: str | None = None
-    max_requeues: int = 10
-    job_name: str = "cifar-job"
+    nodes: int = _slurm(1, "Nodes (the Trainer's --num-nodes).", 1)
+    gpus_per_node: int = _slurm(1, "GPUs per node.", 0)
+    tasks_per_node: int | None = _slurm(None, "Tasks (ranks) per node. [default: one per GPU]", 1)
+    cpus_per_task: int = _slurm(8, "CPUs per task.", 1)
+    mem: str | None = _slurm(None, "Memory per node, e.g. 64G.")
+    time: str = _slurm("24:00:00", "Time limit (minutes, HH:MM:SS or D-HH:MM:SS).")
+    partition: str | None = _slurm(None, "Slurm partition.")
+    account: str | None = _slurm(None, "Slurm account.")
+    qos: str | None = _slurm(None, "Slurm QOS.")
+    constraint: str | None = _slurm(None, "Slurm node constraint.")
+    container_image: str | None = _slurm(None, "Run in this image (pyxis/enroot).")
+    max_requeues: int = _slurm(
+        10,
+        "Requeues at the time limit before giving up (Slurm's own requeues on preemption "
+        "do not count).",
+        0,
+    )
+    job_name: str = _slurm("cifar-job", "Slurm job name.")
     # 90 s before the limit: Slurm may signal up to 60 s early; saving takes seconds.
-    signal_delay_s: int = 90
-    extra: dict[str, Any] = field(default_factory=dict)
+    signal_delay_s: int = _slurm(90, "Seconds before the time limit at which to save.", 10)
+    extra: dict[str, Any] = field(default_factory=dict)  # --sbatch KEY=VALUE
 
     @property
     def ntasks_per_node(self) -> int:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    def validate(self) -> None:
+        """Raise OptionError for a value Slurm would refuse later, after the job was made."""
+        time_minutes(self.time)
 
 
 def time_minutes(text: str) -> int:
@@ -73,7 +89,7 @@ def time_minutes(text: str) -> int:
             )
             seconds = h * 3600 + m * 60 + s
     except ValueError:
-        raise ValueError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS") from None
+        raise OptionError(f"--time {text!r}: use minutes, HH:MM:SS or D-HH:MM:SS") from None
     return max((seconds + 59) // 60, 1)
 
 
@@ -105,11 +121,24 @@ def batch_lines(slurm: SlurmOptions, run_dir: str) -> tuple[list[str], list[str]
     return setup, ["cifar_job_after_step $?", 'exit "$?"']
 
 
-def build_executor(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.SlurmExecutor:
-    """A SlurmExecutor whose tasks, nodes and signal fit the Trainer by construction."""
+def build_executor(
+    cfg: TrainConfig, slurm: SlurmOptions, dry_run: bool = False
+) -> submitit.SlurmExecutor:
+    """A SlurmExecutor whose tasks, nodes and signal fit the Trainer by construction.
+
+    dry_run: only to write the script, which needs no Slurm (a laptop, a CI runner).
+    """
+    import submitit
+
+    class ScriptOnly(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:  # submitit refuses to start without srun on PATH
+            return 1
+
     folder = Path(cfg.run_dir) / "submitit"
     python = "python3" if slurm.container_image else None  # the image's own Python
-    executor = submitit.SlurmExecutor(folder=folder, python=python)
+    kind = ScriptOnly if dry_run else submitit.SlurmExecutor
+    executor = kind(folder=folder, python=python)
     srun_args = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others hanging
     if slurm.container_image:
         cwd = os.getcwd()
@@ -149,11 +178,17 @@ def absolute(cfg: TrainConfig) -> TrainConfig:
 
 def sbatch_text(cfg: TrainConfig, slurm: SlurmOptions) -> str:
     """The sbatch script `submit` would send."""
-    executor = build_executor(absolute(cfg), slurm)
+    executor = build_executor(absolute(cfg), slurm, dry_run=True)
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
 def submit(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.Job:
     """Submit the training job and return its handle."""
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise CifarJobError(
+            f"no {' or '.join(missing)} on PATH: `cifar-job submit` runs on a Slurm cluster's "
+            "login node. `cifar-job submit --dry-run ...` shows the batch script anywhere."
+        )
     executor = build_executor(absolute(cfg), slurm)
     return executor.submit(TrainJob(cfg.to_dict()))

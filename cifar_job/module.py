@@ -42,6 +42,8 @@ class CifarClassifier(L.LightningModule):
         # on_save_checkpoint), so a resumed epoch's figures still cover the whole epoch.
         self.register_buffer("train_sums", torch.zeros(3), persistent=False)
         self.epoch_steps = 0
+        # The cosine schedule of a resumed checkpoint and its step (see on_load_checkpoint).
+        self.resumed_cosine: tuple[WarmupCosine, int] | None = None
         self.test_top5 = MulticlassAccuracy(NUM_CLASSES, top_k=5, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(NUM_CLASSES)
 
@@ -121,22 +123,26 @@ class CifarClassifier(L.LightningModule):
         self.test_confusion.reset()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the schedules' position from a checkpoint, not their shape.
+        """Keep the schedule's position from a checkpoint; take its length from the config.
 
-        The shape (total steps, warm-up, step size) is rebuilt from the current config, so
-        a finished run extended with a larger --max-epochs gets a schedule over the new
-        length, instead of one that already decayed to zero.
+        Called before configure_optimizers. A run rerun with another --max-epochs carries the
+        cosine on from where it is (WarmupCosine.resized): the learning rate never jumps
+        back up. The step sizes of step and cyclic are per epoch, so they do not change.
         """
         if "train_sums" in checkpoint:
             self.train_sums.copy_(torch.tensor(checkpoint["train_sums"]["sums"]))
             self.epoch_steps = checkpoint["train_sums"]["steps"]
         position = {"last_epoch", "_step_count", "_last_lr", "base_lrs"}
         for state in checkpoint.get("lr_schedulers", []):
+            if "lr_lambdas" in state:
+                old = state["lr_lambdas"][0]
+                if isinstance(old, dict) and "total" in old:  # a WarmupCosine's attributes
+                    self.resumed_cosine = (WarmupCosine(**old), int(state["last_epoch"]))
+                # LambdaLR needs the key; None keeps the function configure_optimizers built.
+                state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
             if "lr_lambdas" in state or "total_steps" in state or "step_size" in state:
                 for key in set(state) - position - {"lr_lambdas"}:
                     del state[key]
-                if "lr_lambdas" in state:  # LambdaLR needs the key; None keeps the new shape
-                    state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
 
     def configure_optimizers(self) -> Any:
         """The optimizer, and a schedule stepped per optimizer step (plateau: per epoch)."""
@@ -157,7 +163,7 @@ class CifarClassifier(L.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": plateau, "monitor": "val/acc", "interval": "epoch"},
             }
-        schedule = build_schedule(cfg, optimizer, total, per_epoch)
+        schedule = build_schedule(cfg, optimizer, total, per_epoch, self.resumed_cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -188,9 +194,14 @@ def build_optimizer(cfg: TrainConfig, params: Any, fused: bool = False) -> torch
 
 
 def build_schedule(
-    cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int, per_epoch: float
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    per_epoch: float,
+    resumed: tuple[WarmupCosine, int] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-step learning-rate schedule over `total` optimizer steps."""
+    """A per-step learning-rate schedule over `total` optimizer steps; `resumed` is the
+    cosine of the checkpoint being resumed and its step, carried on over `total`."""
     sched = torch.optim.lr_scheduler
     if cfg.scheduler == "step":
         return sched.StepLR(
@@ -209,19 +220,40 @@ def build_schedule(
             cycle_momentum=cfg.optimizer in ("sgd", "rmsprop"),
         )
     if cfg.scheduler == "cosine":
+        if resumed is not None:
+            cosine, step = resumed
+            return sched.LambdaLR(optimizer, cosine.resized(total, step))
         warmup = min(round(cfg.warmup_epochs * per_epoch), total - 1)
         return sched.LambdaLR(optimizer, WarmupCosine(warmup, total))
     raise ValueError(f"unknown scheduler {cfg.scheduler!r}")
 
 
 class WarmupCosine:
-    """Learning-rate factor: linear from 1/warmup to 1 over `warmup` steps, then cosine to 0."""
+    """Learning-rate factor: linear from 1/warmup to 1 over `warmup` steps, then cosine to 0
+    at `total`.
 
-    def __init__(self, warmup: int, total: int) -> None:
+    A run extended (or shortened) after `start` steps keeps the factor it had there and
+    stretches the rest of the cosine over the new length: from `start`, the cosine's progress
+    goes linearly from `start_progress` to 1 at `total`. The factor never jumps back up.
+    """
+
+    def __init__(self, warmup: int, total: int, start: int = 0, start_progress: float = 0.0):
         self.warmup, self.total = warmup, total
+        self.start, self.start_progress = max(start, warmup), start_progress
+
+    def progress(self, step: int) -> float:
+        """How far along the cosine the schedule is at `step`, 0 to 1."""
+        left = max(self.total - self.start, 1)
+        share = min(max(step - self.start, 0) / left, 1.0)
+        return self.start_progress + (1 - self.start_progress) * share
+
+    def resized(self, total: int, step: int) -> WarmupCosine:
+        """This schedule, carried on at `step` over a new total length."""
+        if total == self.total or step <= self.warmup:
+            return WarmupCosine(self.warmup, total, self.start, self.start_progress)
+        return WarmupCosine(self.warmup, total, step, self.progress(step))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
             return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(self.total - self.warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * self.progress(step)))

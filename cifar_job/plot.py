@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-from cifar_job import CifarJobError
-from cifar_job.config import CLASSES
+from cifar_job import CifarJobError, OptionError
+from cifar_job.config import CLASSES, read_json
 
 
 def metrics_files(run_dir: Path) -> list[Path]:
     """The CSV logs of every start of a run, oldest first (logs/version_N/metrics.csv)."""
     paths = (run_dir / "logs").glob("version_*/metrics.csv")
     return sorted(paths, key=lambda p: int(p.parent.name.removeprefix("version_")))
+
+
+def csv_rows(path: Path) -> list[dict[str, float | str]]:
+    """The rows of a metrics CSV, numbers as floats; a damaged file is an error naming it."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        # A row cut short by a kill lacks its last fields: they read as None, and are left out.
+        return [
+            {k: (v if k == "epoch" else float(v)) for k, v in row.items() if k and v}
+            for row in rows
+        ]
+    except (csv.Error, ValueError, UnicodeDecodeError, TypeError) as e:
+        raise CifarJobError(
+            f"{path} is damaged ({e}); it holds one start's logged metrics. Move it away "
+            "to go on without it."
+        ) from None
 
 
 def read_epoch_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -23,11 +39,10 @@ def read_epoch_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         raise CifarJobError(f"{run_dir} has no logs/version_*/metrics.csv: is it a run directory?")
     by_epoch: dict[str, dict[int, float]] = {}
     for path in paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                for key in ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"):
-                    if row.get(key) and row.get("epoch"):
-                        by_epoch.setdefault(key, {})[int(row["epoch"]) + 1] = float(row[key])
+        for row in csv_rows(path):
+            for key in ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"):
+                if key in row and row.get("epoch"):
+                    by_epoch.setdefault(key, {})[int(str(row["epoch"])) + 1] = float(row[key])
     return {key: sorted(values.items()) for key, values in by_epoch.items()}
 
 
@@ -44,7 +59,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     results_path = run_dir / "results.json"
     confusion = None
     if results_path.exists():
-        confusion = json.loads(results_path.read_text()).get("test/confusion")
+        confusion = read_json(results_path, "the final test results").get("test/confusion")
     panels = 3 if confusion else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
     for ax, what in zip(axes, ("loss", "acc")):
@@ -77,6 +92,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "curves.png"
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        plt.close(fig)
+        raise OptionError(f"--out {out}: give a file ending in .png (or .{', .'.join(formats)})")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -11,15 +11,13 @@ from typing import Any
 
 import lightning as L
 
-from cifar_job import CifarJobError, __version__, checkpoints
-from cifar_job.config import TrainConfig
+from cifar_job import CifarJobError, OptionError, __version__, checkpoints
+from cifar_job.config import TrainConfig, max_time_seconds, read_json, resume_clashes
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
 from cifar_job.trainer import build_trainer, end_process_group, job_id
 
 RESULTS = "results.json"
-# What makes two runs incompatible: resuming one as the other would load the wrong weights.
-IDENTITY = ("arch", "stem", "dataset")
 
 
 def run(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -46,11 +44,21 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     # Each rank looks; rank 0's choice is the one every rank loads (CheckpointPolicy.setup).
     resume_from, resume_step = checkpoints.find_resume_checkpoint(run_dir)
     # On a stop signal fit saves and raises Preempted; it also saves every cfg.checkpoint_every.
-    policy = checkpoints.CheckpointPolicy(run_dir, cfg.checkpoint_every, resume_from)
+    max_time_s = max_time_seconds(cfg.max_time) if cfg.max_time else None
+    policy = checkpoints.CheckpointPolicy(run_dir, cfg.checkpoint_every, resume_from, max_time_s)
     trainer = build_trainer(cfg, run_dir, callbacks=[policy])
     if trainer.is_global_zero:
-        record_start(run_dir, resume_from, resume_step)
+        record_start(run_dir, cfg, resume_from, resume_step)
         checkpoints.clear_leftovers(run_dir)
+        nodes, devices = trainer.num_nodes, trainer.num_devices
+        kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+        layout = (
+            f"{run_dir}: {nodes * devices} process(es) on {nodes} node(s) x {devices} {kind} "
+            f"device(s), global batch {cfg.batch_size}"
+        )
+        if resume_from:
+            layout += f"; resuming from {Path(resume_from).name} at step {resume_step}"
+        print(layout, flush=True)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
         raise CifarJobError("training was interrupted; rerun the same command to resume")
@@ -74,18 +82,7 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
 
 def build_datamodule(cfg: TrainConfig) -> CIFAR10DataModule:
     """The DataModule for cfg's dataset, split and batch size."""
-    return CIFAR10DataModule(
-        data_dir=cfg.data_dir,
-        dataset=cfg.dataset,
-        batch_size=cfg.batch_size,
-        val_size=cfg.val_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        download=cfg.download,
-        synthetic_size=cfg.synthetic_size,
-        loader=cfg.data_loader,
-        cutout=cfg.cutout,
-    )
+    return CIFAR10DataModule(cfg)
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -101,14 +98,15 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise CifarJobError(f"--run-dir {run_dir} cannot be written: {e.strerror}") from None
     saved = run_dir / "config.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        clash = [k for k in IDENTITY if k in old and old[k] != getattr(cfg, k)]
-        if clash:
-            raise CifarJobError(
-                f"{run_dir} holds a run with "
-                + ", ".join(f"{k}={old[k]}" for k in clash)
-                + "; use another --run-dir for a different model or dataset"
+    started = any(run_dir.glob("*.ckpt")) or (run_dir / RESULTS).exists()
+    if saved.exists() and started:
+        clashes = resume_clashes(read_json(saved, "the run's settings"), cfg)
+        if clashes:
+            raise OptionError(
+                f"{run_dir} holds a run trained with other settings: {', '.join(clashes)}. "
+                "They define what is trained, so its checkpoints cannot continue with new "
+                "ones. Rerun with the old values to resume it, or give a new --run-dir to "
+                "start a new run."
             )
     write_json(saved, cfg.to_dict())
     return run_dir
@@ -119,7 +117,7 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     path = run_dir / RESULTS
     if cfg.fast_dev_run or not path.exists():
         return None
-    results = json.loads(path.read_text())
+    results = read_json(path, "the final test results")
     if results.get("max_epochs") != cfg.max_epochs:
         return None  # asked for more (or fewer) epochs: train on from last.ckpt
     return {**results, "already_finished": True}
@@ -135,12 +133,15 @@ def write_json(path: Path, data: Any) -> None:
 def _manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "manifest.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path, "the run's history (version, starts, final metrics)")
     return {"version": __version__, "git_sha": git_sha(), "starts": []}
 
 
-def record_start(run_dir: Path, resume_from: str | None, step: int | None) -> None:
-    """Append this start (time, job id, checkpoint and step resumed from) to manifest.json."""
+def record_start(
+    run_dir: Path, cfg: TrainConfig, resume_from: str | None, step: int | None
+) -> None:
+    """Append this start (time, job id, checkpoint and step resumed from, and the settings it
+    ran with) to manifest.json."""
     manifest = _manifest(run_dir)
     manifest["starts"].append(
         {
@@ -148,6 +149,7 @@ def record_start(run_dir: Path, resume_from: str | None, step: int | None) -> No
             "job_id": job_id(),
             "resumed_from": resume_from,
             "step": step,
+            "config": cfg.to_dict(),
         }
     )
     write_json(run_dir / "manifest.json", manifest)

@@ -6,6 +6,7 @@ clusters. How a run stops, saves and resumes is checkpoints.py's alone.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -20,13 +21,36 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cifar_job import CifarJobError
+from cifar_job import CifarJobError, OptionError, quiet_deprecations
 from cifar_job.checkpoints import LAST, AtomicCheckpointIO
-from cifar_job.config import TrainConfig
+from cifar_job.config import TrainConfig, parse_devices
 
-# ModelCheckpoint writes into the run directory, which a resumed run has filled already.
-warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+def quiet_lightning() -> None:
+    """Keep Lightning to its warnings, and those that tell the user something.
+
+    Its info lines (devices found, cloud-service tips, "Restoring states ...") and the
+    hints below are noise in a job's log: run.py and LogLines print what happened.
+    """
+    quiet_deprecations()  # also for a job that submitit starts, which skips the CLI
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    for message in (
+        # ModelCheckpoint writes into the run directory, which a resumed run has filled.
+        ".*exists and is not empty.*",
+        # The tensor loader has no workers, by design.
+        ".*does not have many workers.*",
+        # Outside a job (a login node, a workstation with Slurm's tools): nothing to fix.
+        ".*The `srun` command is available on your system but is not used.*",
+        # LogLines prints every --log-every-n-steps steps, and at each epoch's end.
+        ".*is smaller than the logging interval.*",
+        # train/*_epoch are sums that on_train_epoch_end has reduced across ranks already.
+        ".*when logging on epoch level in distributed setting.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+quiet_lightning()
 
 
 class LogLines(Callback):
@@ -69,21 +93,6 @@ class LogLines(Callback):
                 f"val/loss {float(m['val/loss']):.4f} val/acc {float(m['val/acc']):.4f}",
                 flush=True,
             )
-
-
-def parse_devices(devices: str) -> int | str | list[int]:
-    """Lightning's devices value from its CLI spelling: 2, 0,1, -1 or auto."""
-    text = str(devices).strip()
-    if text == "auto":
-        return text
-    try:
-        if "," in text:
-            return [int(d) for d in text.split(",") if d.strip()]
-        return int(text)
-    except ValueError:
-        raise ValueError(
-            f"--devices must be a count, a list such as 0,1, or auto; got {devices!r}"
-        ) from None
 
 
 def slurm_layout(cfg: TrainConfig) -> tuple[int | str | list[int], int]:
@@ -190,27 +199,29 @@ def build_trainer(
         # Ranks come from Slurm; requeueing belongs to the launcher (sbatch script or
         # submitit), never to Lightning as well: two owners requeue twice or not at all.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return L.Trainer(
-        accelerator=cfg.accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=cfg.strategy,
-        precision=cfg.precision,  # type: ignore[arg-type]
-        max_epochs=cfg.max_epochs,
-        max_time=cfg.max_time,
-        fast_dev_run=cfg.fast_dev_run,
-        deterministic=cfg.deterministic,
-        default_root_dir=run_dir,
-        callbacks=all_callbacks,
-        logger=loggers,
-        plugins=plugins,
-        log_every_n_steps=cfg.log_every_n_steps,
-        enable_progress_bar=progress,
-        enable_model_summary=progress,
-        # The DataModule shards every split itself (ShardSampler), so a resumed run can
-        # continue mid-epoch with the exact batches it had left.
-        use_distributed_sampler=False,
-    )
+    try:
+        return L.Trainer(
+            accelerator=cfg.accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=cfg.strategy,
+            precision=cfg.precision,  # type: ignore[arg-type]
+            max_epochs=cfg.max_epochs,
+            fast_dev_run=cfg.fast_dev_run,
+            deterministic=cfg.deterministic,
+            default_root_dir=run_dir,
+            callbacks=all_callbacks,
+            logger=loggers,
+            plugins=plugins,
+            log_every_n_steps=cfg.log_every_n_steps,
+            enable_progress_bar=progress,
+            enable_model_summary=progress,
+            # The DataModule shards every split itself (ShardSampler), so a resumed run can
+            # continue mid-epoch with the exact batches it had left.
+            use_distributed_sampler=False,
+        )
+    except ValueError as e:  # Lightning's checks of --strategy, --devices, --precision, ...
+        raise OptionError(str(e)) from None
 
 
 def job_id() -> str | None:
@@ -221,12 +232,15 @@ def job_id() -> str | None:
     return jid
 
 
-def build_eval_trainer(accelerator: str = "auto", progress: bool | None = None) -> L.Trainer:
+def build_eval_trainer(
+    accelerator: str = "auto", precision: str = "32", progress: bool | None = None
+) -> L.Trainer:
     """A one-device Trainer for evaluation: no checkpoints, no logs."""
     progress = sys.stderr.isatty() if progress is None else progress
     return L.Trainer(
         accelerator=accelerator,
         devices=1,
+        precision=precision,  # type: ignore[arg-type]
         logger=False,
         enable_progress_bar=progress,
         enable_model_summary=False,

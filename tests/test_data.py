@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import batch_bytes
 
+from cifar_job import OptionError
+from cifar_job.config import TrainConfig
 from cifar_job.data import (
     FOLDER,
     MEAN,
@@ -86,7 +89,9 @@ def test_resumed_sampler_continues_with_the_unseen_indices():
 
 def test_split_is_deterministic_by_seed_and_disjoint():
     def split(seed):
-        dm = CIFAR10DataModule(dataset="synthetic", synthetic_size=500, val_size=50, seed=seed)
+        dm = CIFAR10DataModule(
+            TrainConfig(dataset="synthetic", synthetic_size=500, val_size=50, seed=seed)
+        )
         dm.setup("fit")
         return dm.splits
 
@@ -111,12 +116,14 @@ def test_synthetic_classes_differ_and_train_and_test_share_them():
 def test_tensor_path_and_dataloader_path_give_identical_batches():
     def batches(loader):
         dm = CIFAR10DataModule(
-            dataset="synthetic",
-            synthetic_size=300,
-            val_size=40,
-            batch_size=32,
-            num_workers=0,
-            loader=loader,
+            TrainConfig(
+                dataset="synthetic",
+                synthetic_size=300,
+                val_size=40,
+                batch_size=32,
+                num_workers=0,
+                data_loader=loader,
+            )
         )
         dm.setup("fit")
         return list(dm.train_dataloader()), list(dm.val_dataloader())
@@ -140,10 +147,12 @@ def test_cutout_blanks_one_square_of_the_mean_colour():
 
 
 def test_tensor_loader_resumes_mid_epoch_with_the_unseen_batches():
-    dm = CIFAR10DataModule(dataset="synthetic", synthetic_size=300, val_size=40, batch_size=20)
+    dm = CIFAR10DataModule(
+        TrainConfig(dataset="synthetic", synthetic_size=300, val_size=40, batch_size=20)
+    )
     dm.setup("fit")
     full = list(dm.train_dataloader())
-    dm.load_state_dict({"epoch": 0, "batches_done": 4})  # as restored from a checkpoint
+    dm.load_state_dict({"epoch": 0, "samples_done": 80})  # as restored from a checkpoint
     resumed = list(dm.train_dataloader())
     assert len(resumed) == len(full) - 4
     assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, full[4:]))
@@ -170,7 +179,44 @@ def test_batch_files_load_pixel_for_pixel_from_arrays_and_from_bytes(tmp_path):
     assert torch.equal(test_images, images[:7]) and torch.equal(test_labels, labels[:7])
 
 
-@pytest.mark.parametrize("option, value", [("loader", "device"), ("dataset", "cifar100")])
+@pytest.mark.parametrize("option, value", [("data_loader", "device"), ("dataset", "cifar100")])
 def test_unknown_loader_or_dataset_is_refused(option, value):
-    with pytest.raises(ValueError, match=f"^{option} must be one of"):
-        CIFAR10DataModule(**{option: value})
+    with pytest.raises(OptionError, match=f"^--{option.replace('_', '-')} must be one of"):
+        TrainConfig(**{option: value}).validate()
+
+
+def test_a_resume_on_another_number_of_ranks_sees_exactly_the_unseen_samples():
+    """Two ranks stop after 3 of their batches; the run resumes on one rank, then on four.
+    Together they see every sample of the epoch once (less the remainder dropped)."""
+
+    class Ranks:  # what the DataModule asks its Trainer
+        def __init__(self, rank: int, world: int, done: int = 0) -> None:
+            self.global_rank, self.world_size, self.current_epoch = rank, world, 0
+            self.strategy = SimpleNamespace(root_device=torch.device("cpu"))
+            self.fit_loop = SimpleNamespace(
+                epoch_loop=SimpleNamespace(
+                    batch_progress=SimpleNamespace(current=SimpleNamespace(processed=done))
+                )
+            )
+
+    cfg = TrainConfig(dataset="synthetic", synthetic_size=340, val_size=20, batch_size=16)
+
+    def labels_seen(trainer: Ranks, state: dict | None, batches: int | None = None) -> list:
+        dm = CIFAR10DataModule(cfg)
+        dm.trainer = trainer  # type: ignore[assignment]
+        dm.setup("fit")
+        dm.splits["train"].labels = torch.arange(len(dm.splits["train"]))  # sample ids
+        dm.load_state_dict(state or {})
+        loader = dm.train_dataloader()
+        out = [y.tolist() for _, y in list(loader)[:batches]]
+        return [i for batch in out for i in batch], dm
+
+    first = [labels_seen(Ranks(r, 2), None, batches=3)[0] for r in range(2)]
+    _, dm = labels_seen(Ranks(0, 2, done=3), None, batches=0)
+    state = dm.state_dict()
+    assert state == {"epoch": 0, "samples_done": 48}
+    on_one, _ = labels_seen(Ranks(0, 1), state)
+    seen = first[0] + first[1] + on_one
+    assert len(seen) == len(set(seen)) == 320  # 320 training images, 20 whole batches
+    on_four = [labels_seen(Ranks(r, 4), state)[0] for r in range(4)]
+    assert sorted(first[0] + first[1] + sum(on_four, [])) == sorted(seen)

@@ -139,3 +139,101 @@ def test_custom_url_needs_its_md5(tmp_path, archive):
     result = cifar_job("download", "--data-dir", str(tmp_path), "--url", archive[0].as_uri())
     assert result.returncode == 2
     assert "--url needs --md5" in result.stderr
+
+
+def test_many_nodes_downloading_into_one_shared_directory_fetch_once(tmp_path, archive):
+    """Four processes start `download` on one directory at once, as the first rank of every
+    node of a job with --download does: one fetches, the others wait and find it done."""
+    import subprocess
+    import sys
+
+    requests: list[str] = []
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Counting, directory=str(archive[0].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{archive[0].name}"
+    shared = tmp_path / "shared"
+    args = ["download", "--data-dir", str(shared), "--url", url, "--md5", archive[1]]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cifar_job", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    server.shutdown()
+    server.server_close()
+    assert [p.returncode for p in procs] == [0] * 4, outputs
+    assert len(requests) == 1, requests
+    assert sum("downloaded and verified" in out for out, _ in outputs) == 1
+    assert sum("already complete" in out for out, _ in outputs) == 3
+    images, _ = load_split(shared, train=True)
+    assert images.shape == (1500, 3, 32, 32)
+    leftovers = [p.name for p in shared.iterdir() if p.name.startswith(".") and p.is_dir()]
+    assert leftovers == []  # no staging directory left behind
+
+
+@pytest.fixture()
+def read_only_copy(tmp_path, archive) -> Iterator[tuple[Path, Path]]:
+    """(a verified data directory, the same directory bind-mounted read-only), as a site
+    shares its copy of the data."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    source, view = tmp_path / "site-data", tmp_path / "read-only"
+    view.mkdir()
+    result = cifar_job(
+        "download", "--data-dir", str(source), "--url", archive[0].as_uri(), "--md5", archive[1]
+    )
+    assert result.returncode == 0, result.stderr
+    mount = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot bind-mount here: {mount.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        yield source, view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_a_read_only_data_directory_trains_and_verifies(read_only_copy, tmp_path):
+    source, view = read_only_copy
+    with pytest.raises(OSError):
+        (view / "probe").write_text("")  # the mount really is read-only
+    # Verified already: train reads it; then unverified (the marker gone from the source):
+    # doctor and train verify it again, in memory, each time.
+    for verified in (True, False):
+        if not verified:
+            (source / FOLDER / ".verified.json").unlink()
+        run = cifar_job(
+            "train",
+            "--data-dir",
+            str(view),
+            "--run-dir",
+            str(tmp_path / f"run-{verified}"),
+            "--fast-dev-run",
+            "--val-size",
+            "100",
+            "--arch",
+            "resnet18",
+            "--stem",
+            "imagenet",
+        )
+        assert run.returncode == 0, run.stderr
+        doctor = cifar_job("doctor", "--data-dir", str(view))
+        assert "ok  data:" in doctor.stdout and "1500 training and 200 test" in doctor.stdout
+    assert not (source / FOLDER / ".verified.json").exists()

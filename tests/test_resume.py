@@ -186,3 +186,30 @@ def test_a_run_whose_checkpoints_all_fail_to_load_stops_instead_of_starting_over
     assert "holds checkpoints, but none loads (best-epoch003.ckpt, last.ckpt)" in result.stderr
     assert "Traceback" not in result.stderr
     assert (run_dir / "last.ckpt").read_bytes() == b"half a checkpoint"  # nothing overwritten
+
+
+def test_a_run_stopped_on_two_ranks_resumes_on_one(tmp_path):
+    """A job requeued onto fewer GPUs: stopped mid-epoch under DDP on 2 ranks, resumed on 1.
+    The position is kept in samples, so the one rank finishes the epoch with exactly the
+    batches the two had left (test_data.py checks the samples), then trains on as usual."""
+    run_dir = tmp_path / "ranks"
+    ddp = ["--accelerator", "cpu", "--strategy", "ddp"]
+    proc = start(run_dir, *ddp, "--devices", "2")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if " step 5/" in line:
+            proc.send_signal(signal.SIGUSR1)  # to rank 0; the ranks agree at the next step
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    k = torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"]
+    assert 5 <= k < STEPS_PER_EPOCH
+
+    resumed = cifar_job(*ARGS, *ddp, "--devices", "1", "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    last = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * STEPS_PER_EPOCH and last["epoch"] == 1
+    epochs = [r["epoch"] for r in metrics(run_dir, 1) if r.get("val/acc")]
+    assert epochs == ["0", "1"]  # the resumed epoch ended where an epoch ends
+    starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
+    assert [s["config"]["devices"] for s in starts] == ["2", "1"] and starts[1]["step"] == k

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifar_job.config import OPTIMIZERS, TrainConfig
-from cifar_job.module import build_optimizer, build_schedule
+from cifar_job.module import WarmupCosine, build_optimizer, build_schedule
 
 TOTAL, PER_EPOCH = 100, 10
 
@@ -66,3 +66,17 @@ def test_every_optimizer_reduces_a_quadratic(name):
         (w**2).sum().backward()
         opt.step()
     assert abs(w.item()) < 3.0 * 0.8
+
+
+def test_a_longer_run_carries_the_cosine_on_without_raising_the_learning_rate():
+    """--max-epochs 10 -> 20 after 40 of 100 steps: the factor at step 40 is kept, and the
+    rest of the cosine is stretched over the 160 steps left; a second change composes."""
+    first = WarmupCosine(warmup=10, total=100)
+    longer = first.resized(200, step=40)
+    assert longer(40) == pytest.approx(first(40))
+    factors = [longer(s) for s in range(40, 201)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-9)
+    shorter = WarmupCosine(**vars(longer)).resized(150, step=120)  # as LambdaLR saves it
+    assert shorter(120) == pytest.approx(longer(120)) and shorter(150) == pytest.approx(0.0)
+    assert first.resized(100, step=40)(70) == pytest.approx(first(70))  # same length: as before

@@ -40,7 +40,7 @@ def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(cluster, tmp_path):
     )
     assert wait_done(job) == "COMPLETED", (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
     log = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
-    assert "Starting with 2 processes" in log and "test/acc " in log
+    assert ": 2 process(es) on 1 node(s) x 2 cpu" in log and "test/acc " in log
     assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH  # global batch 40 split over 2 ranks
     assert "test/acc" in json.loads((run_dir / "results.json").read_text())
     assert_no_rank_left(run_dir)
@@ -63,7 +63,7 @@ def test_sbatch_multinode_template_runs_two_nodes(cluster, tmp_path):
     log_path = tmp_path / f"slurm-cifar-job-{job}.out"
     assert wait_done(job) == "COMPLETED", log_path.read_text()
     log = log_path.read_text()
-    assert "on n[1-2]" in log and "Starting with 2 processes" in log
+    assert "on n[1-2]" in log and ": 2 process(es) on 2 node(s) x 1 cpu" in log
     assert ckpt_step(run_dir) == STEPS_PER_EPOCH
     assert "test/acc " in log
 
