@@ -92,6 +92,22 @@ def wait_for_text(path_glob: str, base: Path, text: str, timeout: float = 180) -
     raise AssertionError(f"{text!r} never appeared in {base}/{path_glob}")
 
 
+def wait_for_step(path_glob: str, base: Path, step: int, after: str, timeout: float = 180) -> None:
+    """Wait until a log shows training at `step` or later, past the last line holding `after`
+    (a start that resumed beyond `step` counts as soon as it trains)."""
+    import re
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in base.glob(path_glob):
+            log = p.read_text(errors="replace")
+            log = log[log.rindex(after) :] if after in log else ""
+            if any(int(n) >= step for n in re.findall(r" step (\d+)/", log)):
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"step {step} never appeared in {base}/{path_glob} after {after!r}")
+
+
 def ckpt_step(run_dir: Path) -> int:
     return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
 

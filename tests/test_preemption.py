@@ -27,6 +27,7 @@ from slurmjobs import (
     job_state,
     sbatch,
     wait_done,
+    wait_for_step,
     wait_for_text,
 )
 
@@ -66,9 +67,11 @@ def preempt(cwd: Path) -> None:
 
 
 def random_steps(count: int, gap: int) -> list[int]:
-    """`count` random steps of the run, at least `gap` apart, none in the first 3 or last 3."""
+    """`count` random steps of the run, at least `gap` apart, none in the first 3 or the last
+    20: a preemption lands 3-5 s (up to 15 steps here) after the `high` job is submitted,
+    and must land before the run ends."""
     while True:
-        steps = sorted(random.sample(range(3, TOTAL - 3), count))
+        steps = sorted(random.sample(range(3, TOTAL - 20), count))
         if all(b - a >= gap for a, b in zip(steps, steps[1:])):
             return steps
 
@@ -109,8 +112,8 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(reference, 
     job, log = submit_template(tmp_path, run_dir, "-p", "low")
     at = random_steps(2, gap=8)
     for start, step in enumerate(at, 1):
-        wait_for_text(log.name, tmp_path, f"start {start} on")
-        wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
+        # Logs are appended across requeues: only this start's lines count.
+        wait_for_step(log.name, tmp_path, step, after=f"start {start} on")
         preempt(tmp_path)
     assert wait_done(job, timeout=400) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
@@ -145,8 +148,7 @@ def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(
     job = result.stdout.split("submitted job ")[1].split()[0]
     log = f"submitit/{job}_0_log.out"
     for start, step in enumerate(random_steps(2, gap=8), 1):
-        wait_for_text(log, run_dir, f"start {start} on")
-        wait_for_text(log, run_dir, f" step {step}/{TOTAL}")
+        wait_for_step(log, run_dir, step, after=f"start {start} on")
         preempt(tmp_path)
     assert wait_done(job, timeout=400) == "COMPLETED"
     text = (run_dir / log).read_text()
