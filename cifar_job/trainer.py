@@ -46,6 +46,9 @@ def quiet_lightning() -> None:
         ".*is smaller than the logging interval.*",
         # train/*_epoch are sums that on_train_epoch_end has reduced across ranks already.
         ".*when logging on epoch level in distributed setting.*",
+        # The loader's position is in the DataModule's state (data.py), which Lightning
+        # restores: a mid-epoch resume continues with exactly the unseen samples.
+        ".*your dataloader is not resumable.*",
     ):
         warnings.filterwarnings("ignore", message=message)
 
