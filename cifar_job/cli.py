@@ -280,9 +280,43 @@ def _sbatch_pairs(
     metavar="KEY=VALUE",
     help="Extra sbatch parameter, repeatable: --sbatch exclusive=true.",
 )
-@click.option("--dry-run", is_flag=True, help="Print the sbatch script and submit nothing.")
-@click.option("--wait", is_flag=True, help="Follow the job and exit with its result.")
-def submit(**values: Any) -> None:
+@click.option(
+    "--sweep",
+    "sweep_pairs",
+    multiple=True,
+    metavar="KEY=V1,V2,...",
+    help="Sweep a train option over these values, repeatable: the runs are every "
+    "combination (times --seeds), one Slurm job array.",
+)
+@click.option(
+    "--sweep-file",
+    type=click.Path(dir_okay=False),
+    help="YAML or JSON mapping of train options to lists of values: the same as --sweep.",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run every setting with seeds 0..N-1 (list others with --sweep seed=...).",
+)
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs of a sweep that may run at once. [default: all]",
+)
+@click.option("--yes", is_flag=True, help="Submit a sweep of more than 1000 runs.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the sbatch script and submit nothing. A sweep also prints its runs and "
+    "writes its plan RUN_DIR/sweep.json (which slurm/sweep_array.sh reads).",
+)
+@click.option(
+    "--wait", is_flag=True, help="Follow the job (or the sweep) and exit with its result."
+)
+@click.pass_context
+def submit(ctx: click.Context, **values: Any) -> None:
     """Submit `cifar-job train` to Slurm through submitit, from a login node.
 
     Train options pass through. Tasks, nodes and devices agree by construction. The job
@@ -290,14 +324,26 @@ def submit(**values: Any) -> None:
     Slurm decide on preemption, scancel or an admin's requeue, saves every
     --checkpoint-every minutes, and resumes in the same --run-dir. Follow it with
     `cifar-job status`.
+
+    \b
+    Sweeps: --sweep lr=0.1,0.05 --sweep arch=resnet18,resnet34 --seeds 3 submits one job
+    array, each run in RUN_DIR/<its settings>/; resubmitting the same command runs only
+    what has not finished. Compare them with `cifar-job compare RUN_DIR`.
     """
     slurm_keys = [f.name for f in dataclasses.fields(SlurmOptions) if "help" in f.metadata]
     slurm_values = {k: values.pop(k) for k in slurm_keys}
     dry_run, wait, extra = (values.pop(k) for k in ("dry_run", "wait", "extra"))
+    sweep = {
+        k: values.pop(k) for k in ("sweep_pairs", "sweep_file", "seeds", "max_parallel", "yes")
+    }
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
     slurm = SlurmOptions(**slurm_values, extra=extra)
     slurm.validate()  # a bad --time is a usage error before anything is written
+    if sweep["sweep_pairs"] or sweep["sweep_file"] or sweep["seeds"]:
+        return submit_grid(ctx, cfg, slurm, dry_run, wait, **sweep)
+    if sweep["max_parallel"] or sweep["yes"]:
+        raise click.UsageError("--max-parallel and --yes are for sweeps (--sweep, --seeds)")
     from cifar_job.launch import sbatch_text, submit
 
     if dry_run:
@@ -325,13 +371,105 @@ def submit(**values: Any) -> None:
         )
 
 
+def sweep_grid(
+    ctx: click.Context, pairs: tuple[str, ...], path: str | None
+) -> dict[str, list[Any]]:
+    """--sweep KEY=V1,V2 and --sweep-file, each value checked as `train` checks it."""
+    raw: dict[str, list[Any]] = {}
+    if path:
+        for key, values in load_config_file(path).items():
+            raw[key] = values if isinstance(values, list) else [values]
+    for pair in pairs:
+        key, sep, values = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r}: expected KEY=V1,V2,...", param_hint="--sweep")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if key in raw:
+            raise click.BadParameter(f"{dashed(key)} is swept twice", param_hint="--sweep")
+        raw[key] = [v for v in values.split(",") if v]
+    options = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    grid: dict[str, list[Any]] = {}
+    for key, values in raw.items():
+        if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise click.BadParameter(f"{key!r} is not a train option", param_hint="--sweep")
+        grid[key] = [options[key].type.convert(v, options[key], ctx) for v in values]
+    return grid
+
+
+def submit_grid(
+    ctx: click.Context,
+    cfg: TrainConfig,
+    slurm: SlurmOptions,
+    dry_run: bool,
+    wait: bool,
+    sweep_pairs: tuple[str, ...],
+    sweep_file: str | None,
+    seeds: int | None,
+    max_parallel: int | None,
+    yes: bool,
+) -> None:
+    """`submit --sweep ...`: plan the grid, write RUN_DIR/sweep.json, submit what is left."""
+    from pathlib import Path
+
+    from cifar_job import sweep
+    from cifar_job.launch import absolute, queued_elements, submit_sweep, sweep_text
+
+    grid = sweep_grid(ctx, sweep_pairs, sweep_file)
+    plan = sweep.make_plan(absolute(cfg), grid, list(range(seeds or 0)), allow_many=yes)
+    sweep.write_plan(Path(cfg.run_dir), plan)
+    elements = plan["elements"]
+    # Not those finished, nor those still queued or running from an earlier submission.
+    busy = queued_elements(plan["submissions"])
+    todo = [e for i, e in enumerate(elements) if i not in busy and not sweep.is_finished(e)]
+    if dry_run:
+        click.echo(sweep_text(cfg, slurm, todo or elements, max_parallel), nl=False)
+        click.echo(f"\n# {len(todo)} of {len(elements)} runs to submit ({cfg.run_dir}/sweep.json):")
+        for index, e in enumerate(elements):
+            state = "to run" if e in todo else "queued" if index in busy else "finished"
+            click.echo(f"#   {index:>3}  {e['name']:<40} {state}")
+        return
+    if not todo:
+        done = "are queued or running" if busy else "have finished"
+        click.echo(f"all {len(elements)} runs {done}; nothing submitted")
+        return
+    jobs = submit_sweep(cfg, slurm, todo, max_parallel)
+    array = jobs[0].job_id.split("_")[0]
+    indices = [elements.index(e) for e in todo]
+    plan["submissions"].append({"job": array, "elements": indices})
+    sweep.write_plan(Path(cfg.run_dir), plan)
+    kind = "job array" if len(jobs) > 1 else "job"
+    click.echo(
+        f"submitted {kind} {array}: {len(todo)} of {len(elements)} runs\n"
+        f"  sweep:   {cfg.run_dir}/sweep.json\n"
+        f"  follow:  cifar-job status {cfg.run_dir}\n"
+        f"  compare: cifar-job compare {cfg.run_dir}"
+    )
+    if wait:
+        import logging
+
+        logging.getLogger("submitit").setLevel(logging.ERROR)
+        failed = []
+        for job, e in zip(jobs, todo):
+            try:
+                result = job.results()[0]
+                click.echo(f"{e['name']}: test/acc {result['test/acc']:.4f}")
+            except Exception:  # submitit's FailedJobError: the element's log says why
+                failed.append(f"{e['name']} (job {job.job_id}, {job.paths.stderr})")
+        if failed:
+            raise CifarJobError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(run_dir: str, as_json: bool) -> None:
-    """Show where a run stands: state, step, restarts and the last metrics."""
+    """Show where a run stands: state, step, restarts and the last metrics. For a sweep's
+    directory, one line per run."""
     from cifar_job.doctor import run_status
+    from cifar_job.sweep import read_plan
 
+    if (plan := read_plan(run_dir)) is not None:
+        return sweep_status(plan, as_json)
     info = run_status(run_dir)
     if as_json:
         click.echo(json.dumps(info))
@@ -378,3 +516,72 @@ def doctor(
         click.echo(f"{'ok' if check.ok else 'FAIL':>6}  {check.name}: {check.detail}")
     if not all(check.ok for check in found):
         raise click.ClickException("some checks failed; see above for the fixes")
+
+
+def sweep_status(plan: dict[str, Any], as_json: bool) -> None:
+    """One line per run of a sweep: settings, state, epoch, val/acc, restarts."""
+    from pathlib import Path
+
+    from cifar_job.doctor import run_status
+
+    rows = []
+    for e in plan["elements"]:
+        if (Path(e["run_dir"]) / "manifest.json").exists():
+            info = run_status(e["run_dir"])
+        else:
+            info = {"state": "not started", "restarts": 0, "metrics": {}}
+        rows.append({"name": e["name"], "settings": e["settings"], **info})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'run':<40} {'state':<12} {'epoch':>5} {'val/acc':>8} {'restarts':>8}")
+    for row in rows:
+        acc = row["metrics"].get("val/acc")
+        click.echo(
+            f"{row['name']:<40} {row['state']:<12} {row.get('epoch') or 0:>5} "
+            f"{'-' if acc is None else f'{acc:.4f}':>8} {row['restarts']:>8}"
+        )
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", is_flag=True, help="Also draw every run's val/acc curve in one PNG.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PNG for --plot. [default: FIRST_RUN_DIR/compare.png]",
+)
+def compare(run_dirs: tuple[str, ...], as_json: bool, plot: bool, out: str | None) -> None:
+    """Rank runs by their best val/acc: a sweep's directory stands for all its runs, and runs
+    that differ only in their seed also get the mean and spread over the seeds."""
+    from pathlib import Path
+
+    from cifar_job.sweep import compare as compare_runs
+    from cifar_job.sweep import plot_curves
+
+    table = compare_runs([Path(d) for d in run_dirs])
+    if plot:
+        table["plot"] = str(plot_curves(table, Path(out or Path(run_dirs[0]) / "compare.png")))
+    if as_json:
+        click.echo(json.dumps(table))
+        return
+    click.echo(f"{'rank':<5} {'run':<40} {'val/acc':>8} {'epoch':>5} {'test/acc':>8} {'epochs':>6}")
+    for rank, row in enumerate(table["runs"], 1):
+        best = row.get("best_val_acc")
+        test = row.get("test_acc")
+        click.echo(
+            f"{rank:<5} {row['name']:<40} {'-' if best is None else f'{best:.4f}':>8} "
+            f"{row.get('best_epoch', '-'):>5} {'-' if test is None else f'{test:.4f}':>8} "
+            f"{row['epochs']:>6}"
+        )
+    if table["over_seeds"]:
+        click.echo("mean ± std of the best val/acc over seeds:")
+        for group in table["over_seeds"]:
+            click.echo(
+                f"  {group['name']:<40} {group['mean']:.4f} ± {group['std']:.4f} "
+                f"({group['seeds']} seeds)"
+            )
+    if plot:
+        click.echo(f"wrote {table['plot']}")

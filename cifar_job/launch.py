@@ -111,22 +111,33 @@ class TrainJob:
             sys.exit(e.exit_code)
 
 
-def batch_lines(slurm: SlurmOptions, run_dir: str) -> tuple[list[str], list[str]]:
-    """The batch script's lines before and after submitit's srun: requeue.sh's protocol."""
-    setup = [
-        f"export RUN_DIR={shlex.quote(run_dir)} MAX_REQUEUES={slurm.max_requeues}",
-        f"source {shlex.quote(str(REQUEUE_SCRIPT))}",
-        "cifar_job_before_step",
-    ]
+def batch_lines(slurm: SlurmOptions, run_dirs: list[str]) -> tuple[list[str], list[str]]:
+    """The batch script's lines before and after submitit's srun: requeue.sh's protocol, for
+    one run, or for the element of a job array that this array task runs."""
+    if len(run_dirs) == 1:
+        where = [f"export RUN_DIR={shlex.quote(run_dirs[0])} MAX_REQUEUES={slurm.max_requeues}"]
+    else:  # submitit numbers the array's tasks in the order the runs were submitted
+        where = [
+            f"RUN_DIRS=({' '.join(shlex.quote(d) for d in run_dirs)})",
+            'export RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}" '
+            f"MAX_REQUEUES={slurm.max_requeues}",
+        ]
+    setup = [*where, f"source {shlex.quote(str(REQUEUE_SCRIPT))}", "cifar_job_before_step"]
     return setup, ["cifar_job_after_step $?", 'exit "$?"']
 
 
 def build_executor(
-    cfg: TrainConfig, slurm: SlurmOptions, dry_run: bool = False
+    cfg: TrainConfig,
+    slurm: SlurmOptions,
+    dry_run: bool = False,
+    run_dirs: list[str] | None = None,
+    max_parallel: int | None = None,
 ) -> submitit.SlurmExecutor:
     """A SlurmExecutor whose tasks, nodes and signal fit the Trainer by construction.
 
     dry_run: only to write the script, which needs no Slurm (a laptop, a CI runner).
+    run_dirs: the run directories of a sweep's elements, one array task each, at most
+    max_parallel at a time; cfg is then the sweep's (its run_dir holds them all).
     """
     import submitit
 
@@ -147,7 +158,7 @@ def build_executor(
             f"--container-mounts={cwd}:{cwd}",
             f"--container-workdir={cwd}",
         ]
-    setup, teardown = batch_lines(slurm, cfg.run_dir)
+    setup, teardown = batch_lines(slurm, run_dirs or [cfg.run_dir])
     params: dict[str, Any] = {
         "job_name": slurm.job_name,
         "nodes": slurm.nodes,
@@ -163,6 +174,8 @@ def build_executor(
     }
     if slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
+    if run_dirs and len(run_dirs) > 1:
+        params["array_parallelism"] = max_parallel or len(run_dirs)
     for key in ("mem", "partition", "account", "qos", "constraint"):
         if getattr(slurm, key):
             params[key] = getattr(slurm, key)
@@ -184,11 +197,60 @@ def sbatch_text(cfg: TrainConfig, slurm: SlurmOptions) -> str:
 
 def submit(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.Job:
     """Submit the training job and return its handle."""
+    check_slurm()
+    executor = build_executor(absolute(cfg), slurm)
+    return executor.submit(TrainJob(cfg.to_dict()))
+
+
+def sweep_text(
+    cfg: TrainConfig, slurm: SlurmOptions, elements: list[dict[str, Any]], max_parallel: int | None
+) -> str:
+    """The sbatch script `submit` would send for these elements of a sweep."""
+    run_dirs = [e["run_dir"] for e in elements]
+    executor = build_executor(absolute(cfg), slurm, True, run_dirs, max_parallel)
+    if len(run_dirs) > 1:
+        executor.parameters["map_count"] = len(run_dirs)  # as submitit's array submission does
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+
+
+def submit_sweep(
+    cfg: TrainConfig, slurm: SlurmOptions, elements: list[dict[str, Any]], max_parallel: int | None
+) -> list[submitit.Job]:
+    """Submit the elements as one job array (one plain job for a single element)."""
+    check_slurm()
+    run_dirs = [e["run_dir"] for e in elements]
+    executor = build_executor(absolute(cfg), slurm, False, run_dirs, max_parallel)
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(e["config"])) for e in elements]
+    return jobs
+
+
+def queued_elements(submissions: list[dict[str, Any]]) -> set[int]:
+    """The sweep elements whose array task (or job) Slurm still has pending or running."""
+    import getpass
+    import subprocess
+
+    if not submissions or shutil.which("squeue") is None:
+        return set()
+    # The user's jobs, filtered here: `squeue -j` fails outright on an id Slurm has forgotten.
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True
+    )
+    alive = set(out.stdout.split())
+    found = set()
+    for s in submissions:
+        for task, element in enumerate(s["elements"]):
+            name = s["job"] if len(s["elements"]) == 1 else f"{s['job']}_{task}"
+            if name in alive:
+                found.add(element)
+    return found
+
+
+def check_slurm() -> None:
+    """Stop with a clear message where Slurm's commands are missing (a laptop, a container)."""
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:
         raise CifarJobError(
             f"no {' or '.join(missing)} on PATH: `cifar-job submit` runs on a Slurm cluster's "
             "login node. `cifar-job submit --dry-run ...` shows the batch script anywhere."
         )
-    executor = build_executor(absolute(cfg), slurm)
-    return executor.submit(TrainJob(cfg.to_dict()))

@@ -129,3 +129,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "docker" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_matches_golden(output: str, cwd: Path, golden: Path) -> None:
+    """Generated text (an sbatch script) against its golden file, with this machine's paths
+    as placeholders. UPDATE_GOLDEN=1 rewrites the file instead."""
+    from cifar_job.launch import REQUEUE_SCRIPT
+
+    text = (
+        output.replace(str(cwd), "{CWD}")
+        .replace(sys.executable, "{PYTHON}")
+        .replace(str(REQUEUE_SCRIPT), "{REQUEUE_SH}")
+    )
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()

@@ -137,6 +137,50 @@ CASES = {
     "submit nodes": Case("submit --dry-run --nodes 0", 2, ("--nodes",)),
     "submit sbatch pair": Case("submit --dry-run --sbatch exclusive", 2, ("KEY=VALUE",)),
     "submit train value": Case("submit --dry-run --batch-size 0", 2, ("--batch-size",)),
+    "sweep unknown key": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep learning_rate=0.1",
+        2,
+        ("--sweep", "'learning_rate' is not a train option"),
+    ),
+    "sweep empty list": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep lr=", 2, ("--sweep lr: give at least one",)
+    ),
+    "sweep bad value": Case("submit --dry-run --run-dir {tmp}/s --sweep lr=0.1,fast", 2, ("fast",)),
+    "sweep bad choice": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep arch=resnet18,vgg", 2, ("vgg",)
+    ),
+    "sweep twice": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep lr=0.1 --sweep lr=0.2", 2, ("swept twice",)
+    ),
+    "seeds twice": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep seed=1,2 --seeds 2", 2, ("not both",)
+    ),
+    "sweep of a location": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep data-dir=a,b", 2, ("cannot be swept",)
+    ),
+    "sweep too large": Case(
+        "submit --dry-run --run-dir {tmp}/s --seeds 9 --sweep lr="
+        + ",".join(f"0.{i}" for i in range(1, 12))
+        + " --sweep weight-decay="
+        + ",".join(f"0.00{i}" for i in range(1, 12)),
+        2,
+        ("1089 runs", "--yes"),
+    ),
+    "another sweep in the run dir": Case(
+        "submit --dry-run --run-dir {tmp}/s --sweep lr=0.1",
+        2,
+        ("holds another sweep", "grid {'lr': [0.5]}"),
+        lambda tmp: (
+            (tmp / "s").mkdir()
+            or (tmp / "s" / "sweep.json").write_text(
+                json.dumps({"grid": {"lr": [0.5]}, "seeds": [], "base": TrainConfig().to_dict()})
+            )
+        ),
+    ),
+    "max parallel without a sweep": Case(
+        "submit --dry-run --max-parallel 2", 2, ("--max-parallel and --yes are for sweeps",)
+    ),
+    "compare nothing": Case("compare {tmp}/none", 1, ("none", "does not exist")),
     "download md5": Case("download --data-dir {tmp} --md5 xyz", 2, ("32 hex digits",)),
     "download url md5": Case(
         "download --data-dir {tmp} --url file:///x.tar.gz", 2, ("--url needs --md5",)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST, cifar_job
+from conftest import FAST, assert_matches_golden, cifar_job
 
 from cifar_job.cli import main
 from cifar_job.launch import REQUEUE_SCRIPT, time_minutes
@@ -53,14 +52,7 @@ def test_submit_dry_run_prints_the_pinned_sbatch_script(tmp_path, monkeypatch):
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    text = (
-        result.output.replace(str(tmp_path), "{CWD}")
-        .replace(sys.executable, "{PYTHON}")
-        .replace(str(REQUEUE_SCRIPT), "{REQUEUE_SH}")
-    )
-    if os.environ.get("UPDATE_GOLDEN"):
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text()
+    assert_matches_golden(result.output, tmp_path, GOLDEN)
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
