@@ -420,12 +420,13 @@ def submit_grid(
     elements = plan["elements"]
     # Not those finished, nor those still queued or running from an earlier submission.
     busy = queued_elements(plan["submissions"])
-    todo = [e for i, e in enumerate(elements) if i not in busy and not sweep.is_finished(e)]
+    indices = [i for i, e in enumerate(elements) if i not in busy and not sweep.is_finished(e)]
+    todo = [elements[i] for i in indices]
     if dry_run:
         click.echo(sweep_text(cfg, slurm, todo or elements, max_parallel), nl=False)
         click.echo(f"\n# {len(todo)} of {len(elements)} runs to submit ({cfg.run_dir}/sweep.json):")
         for index, e in enumerate(elements):
-            state = "to run" if e in todo else "queued" if index in busy else "finished"
+            state = "to run" if index in indices else "queued" if index in busy else "finished"
             click.echo(f"#   {index:>3}  {e['name']:<40} {state}")
         return
     if not todo:
@@ -434,7 +435,6 @@ def submit_grid(
         return
     jobs = submit_sweep(cfg, slurm, todo, max_parallel)
     array = jobs[0].job_id.split("_")[0]
-    indices = [elements.index(e) for e in todo]
     plan["submissions"].append({"job": array, "elements": indices})
     sweep.write_plan(Path(cfg.run_dir), plan)
     kind = "job array" if len(jobs) > 1 else "job"

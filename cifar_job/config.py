@@ -161,24 +161,13 @@ class TrainConfig:
                 raise OptionError(
                     f"--{dashed(f.name)} must be one of {', '.join(choices)}, got {value!r}"
                 )
-        positive = ("batch_size", "max_epochs", "num_nodes", "log_every_n_steps", "synthetic_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise OptionError(f"--{dashed(name)} must be 1 or more, got {getattr(self, name)}")
-        for name in (
-            "lr",
-            "weight_decay",
-            "momentum",
-            "val_size",
-            "num_workers",
-            "warmup_epochs",
-            "cutout",
-            "checkpoint_every",
-        ):
-            if getattr(self, name) < 0:
-                raise OptionError(
-                    f"--{dashed(name)} must not be negative, got {getattr(self, name)}"
-                )
+        least = {"batch_size": 1, "max_epochs": 1, "num_nodes": 1, "log_every_n_steps": 1}
+        least |= {"synthetic_size": 1, "lr": 0, "weight_decay": 0, "momentum": 0}
+        least |= {"val_size": 0, "num_workers": 0, "warmup_epochs": 0, "cutout": 0}
+        for name, low in (least | {"checkpoint_every": 0}).items():
+            if getattr(self, name) < low:
+                rule = "be 1 or more" if low else "not be negative"
+                raise OptionError(f"--{dashed(name)} must {rule}, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise OptionError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         parse_devices(self.devices)

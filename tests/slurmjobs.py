@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,12 +85,7 @@ def wait_done(job_id: str, timeout: float = 300) -> str:
 
 
 def wait_for_text(path_glob: str, base: Path, text: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(text in p.read_text(errors="replace") for p in base.glob(path_glob)):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{text!r} never appeared in {base}/{path_glob}")
+    wait_for_log(path_glob, base, lambda log: text in log, repr(text), timeout)
 
 
 def wait_for_step(path_glob: str, base: Path, step: int, after: str, timeout: float = 180) -> None:
@@ -97,15 +93,23 @@ def wait_for_step(path_glob: str, base: Path, step: int, after: str, timeout: fl
     (a start that resumed beyond `step` counts as soon as it trains)."""
     import re
 
+    def reached(log: str) -> bool:
+        log = log[log.rindex(after) :] if after in log else ""
+        return any(int(n) >= step for n in re.findall(r" step (\d+)/", log))
+
+    wait_for_log(path_glob, base, reached, f"step {step} after {after!r}", timeout)
+
+
+def wait_for_log(
+    path_glob: str, base: Path, found: Callable[[str], bool], what: str, timeout: float
+) -> None:
+    """Poll the logs matching path_glob until one satisfies `found`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for p in base.glob(path_glob):
-            log = p.read_text(errors="replace")
-            log = log[log.rindex(after) :] if after in log else ""
-            if any(int(n) >= step for n in re.findall(r" step (\d+)/", log)):
-                return
+        if any(found(p.read_text(errors="replace")) for p in base.glob(path_glob)):
+            return
         time.sleep(0.3)
-    raise AssertionError(f"step {step} never appeared in {base}/{path_glob} after {after!r}")
+    raise AssertionError(f"{what} never appeared in {base}/{path_glob}")
 
 
 def ckpt_step(run_dir: Path) -> int:
