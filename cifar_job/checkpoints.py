@@ -16,8 +16,9 @@ How a run stops, and how the next start picks up where it stopped:
   land mid-epoch with the loader's exact position, which bounds what a stop without warning
   (SIGKILL, a lost node, an OOM) can lose.
 - **Exit.** Before the save, rank 0 writes the marker `preempted.json` (step, signal, whether
-  to requeue). Every rank then exits with REQUEUE_EXIT (75) after USR1/USR2, or STOP_EXIT
-  (143, as for a SIGTERM) after SIGTERM: never 0, so no stop looks like a finished run.
+  to requeue), and marks it saved once the save is whole. Every rank then exits with
+  REQUEUE_EXIT (75) after USR1/USR2, or STOP_EXIT (143, as for a SIGTERM) after SIGTERM:
+  never 0, so no stop looks like a finished run.
   The batch script (cifar_job/requeue.sh) requeues on 75 and leaves a SIGTERM to Slurm,
   which requeues a preempted job itself, cancels a cancelled one, and so on.
 - **Resume.** Rank 0 chooses the checkpoint to resume from (the highest step that loads) and
@@ -302,11 +303,14 @@ class CheckpointPolicy(Callback):
         if code == TIME_UP:
             name = "--max-time reached"
         requeue = code in (TIME_UP, REQUEUE)
+        marker = {"step": trainer.global_step, "signal": name, "requeue": requeue, "saved": False}
         if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
-            marker = {"step": trainer.global_step, "signal": name, "requeue": requeue}
             (self.run_dir / MARKER).write_text(json.dumps(marker) + "\n")
         if save:
             self.save(trainer)
+            if trainer.is_global_zero:  # a stop that dies mid-save must not claim a save
+                marker["saved"] = True
+                (self.run_dir / MARKER).write_text(json.dumps(marker) + "\n")
         what = f"saved {self.run_dir / LAST} at step {trainer.global_step}" if save else "stopped"
         then = "requeue or rerun" if requeue else "rerun (or let Slurm requeue)"
         # An exception, not trainer.should_stop: stopping would still run the epoch-end

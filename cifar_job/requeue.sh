@@ -59,7 +59,11 @@ cifar_job_after_step() {
   if [ "$rc" -ne 0 ] && { [ "$kind" = stop ] || [ "$cifar_job_stopping" = 1 ] ||
     cifar_job_slurm_is_ending_job; }; then
     local saved="before the run could save"
-    [ "$kind" = none ] || saved="after the run saved: $(cat "$marker")"
+    if grep -q '"saved": true' "$marker" 2>/dev/null; then
+      saved="after the run saved: $(cat "$marker")"
+    elif [ "$kind" != none ]; then
+      saved="while the run was saving (the save did not finish; the previous checkpoint stands): $(cat "$marker")"
+    fi
     echo "cifar-job: Slurm is ending job ${SLURM_JOB_ID} (preemption, cancel or requeue)" \
       "${saved}; Slurm decides whether it runs again"
     # Slurm sends SIGKILL at the end of GraceTime or KillWait; an hour is only a backstop.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -140,13 +142,16 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
 def record_start(
     run_dir: Path, cfg: TrainConfig, resume_from: str | None, step: int | None
 ) -> None:
-    """Append this start (time, job id, checkpoint and step resumed from, and the settings it
-    ran with) to manifest.json."""
+    """Append this start (time, job id, host, Python, checkpoint and step resumed from, and the
+    settings it ran with) to manifest.json. The Python tells a start in the container image
+    (/opt/venv/bin/python) from one on the host."""
     manifest = _manifest(run_dir)
     manifest["starts"].append(
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "job_id": job_id(),
+            "host": socket.gethostname(),
+            "python": sys.executable,
             "resumed_from": resume_from,
             "step": step,
             "config": cfg.to_dict(),

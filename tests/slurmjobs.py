@@ -3,7 +3,9 @@ would, wait for jobs and log lines, read checkpoints, check that nothing is left
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,6 +37,7 @@ TRAIN = [
     "1",
 ]
 STEPS_PER_EPOCH = 25
+ONE_NODE_TWO_TASKS = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
 # `cifar-job submit` of a 2-node job, one CPU task per node, for 10 minutes at most.
 SUBMIT_TWO_NODES = [
     *("submit", "--nodes", "2", "--gpus-per-node", "1", "--cpus-per-task", "1"),
@@ -125,3 +128,18 @@ def assert_no_rank_left(run_dir: Path) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"processes still running for {run_dir}: {out.stdout}")
+
+
+def preempt(cwd: Path) -> None:
+    """A job in the `high` partition that needs both nodes whole: Slurm preempts `low`."""
+    sbatch("-p", "high", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1", cwd=cwd)
+
+
+def saved_steps(log: str) -> list[int]:
+    """The steps the ranks saved at on each stop, in order (every rank reports the same)."""
+    steps = [int(s) for s in re.findall(r"SIGTERM: saved \S+last\.ckpt at step (\d+)", log)]
+    return sorted(set(steps))
+
+
+def resumed_steps(run_dir: Path) -> list[int | None]:
+    return [s["step"] for s in json.loads((run_dir / "manifest.json").read_text())["starts"]]

@@ -19,12 +19,16 @@ import pytest
 import torch
 from conftest import REPO, cifar_job
 from slurmjobs import (
+    ONE_NODE_TWO_TASKS,
     STEPS_PER_EPOCH,
     SUBMIT_TWO_NODES,
     TRAIN,
     assert_no_rank_left,
     ckpt_step,
     job_state,
+    preempt,
+    resumed_steps,
+    saved_steps,
     sbatch,
     wait_done,
     wait_for_step,
@@ -35,7 +39,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 RUN = [*TRAIN, "--max-epochs", "2", "--deterministic"]
 TOTAL = 2 * STEPS_PER_EPOCH
-ONE_NODE_TWO_TASKS = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
 TEMPLATE = str(REPO / "slurm/ddp_4gpu.sh")
 MULTINODE = str(REPO / "slurm/ddp_multinode.sh")
@@ -49,21 +52,6 @@ def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> No
     got = weights(run_dir)
     different = [name for name in reference if not torch.equal(reference[name], got[name])]
     assert got.keys() == reference.keys() and not different, f"{len(different)} tensors differ"
-
-
-def saved_steps(log: str) -> list[int]:
-    """The steps the ranks saved at on each stop, in order (every rank reports the same)."""
-    steps = [int(s) for s in re.findall(r"SIGTERM: saved \S+last\.ckpt at step (\d+)", log)]
-    return sorted(set(steps))
-
-
-def resumed_steps(run_dir: Path) -> list[int | None]:
-    return [s["step"] for s in json.loads((run_dir / "manifest.json").read_text())["starts"]]
-
-
-def preempt(cwd: Path) -> None:
-    """A job in the `high` partition that needs both nodes whole: Slurm preempts `low`."""
-    sbatch("-p", "high", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1", cwd=cwd)
 
 
 def random_steps(count: int, gap: int) -> list[int]:
@@ -187,7 +175,7 @@ def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference
     (saved,) = saved_steps(log.read_text())
     assert saved >= step and ckpt_step(run_dir) == saved  # saved within KillWait (5 s here)
     marker = json.loads((run_dir / "preempted.json").read_text())
-    assert marker == {"step": saved, "signal": "SIGTERM", "requeue": False}
+    assert marker == {"step": saved, "signal": "SIGTERM", "requeue": False, "saved": True}
     assert not (run_dir / "results.json").exists()
     assert_no_rank_left(run_dir)
 

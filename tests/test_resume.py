@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_to_identical_weights(straight, tmp_path, sig, s
     assert 5 <= k < STEPS_PER_EPOCH and saved["epoch"] == 0  # mid-epoch
     assert not (run_dir / "results.json").exists()
     marker = json.loads((run_dir / "preempted.json").read_text())  # for the launcher
-    assert marker == {"step": k, "signal": sig.name, "requeue": requeue}
+    assert marker == {"step": k, "signal": sig.name, "requeue": requeue, "saved": True}
 
     resumed = cifar_job(*ARGS, "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,7 @@ def test_stopped_run_resumes_at_the_next_epoch(data_dir, tmp_path):
     assert starts[1]["resumed_from"].endswith("last.ckpt")
     # The manifest records what each start ran with.
     assert [s["config"]["max_epochs"] for s in starts] == [1, 2]
+    assert {(s["python"], s["host"]) for s in starts} == {(sys.executable, socket.gethostname())}
     lrs = []
     for start, epoch in ((0, "0"), (1, "1")):  # each start logs its own epochs
         rows = list(csv.DictReader(open(run_dir / "logs" / f"version_{start}" / "metrics.csv")))
