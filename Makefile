@@ -21,10 +21,10 @@ DOCKER_BUILD_ARGS ?=
 WHEEL_PLATFORMS := $(foreach n,$(shell seq 5 39),--platform manylinux_2_$(n)_x86_64) \
   $(foreach g,2014 2010 1,--platform manylinux$(g)_x86_64)
 
-.PHONY: help install demo test test-fast test-docker bench lint cluster cluster-stop dist wheels image clean
+.PHONY: help install demo test test-fast test-containers bench lint cluster cluster-stop dist wheels image clean
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,11 +57,11 @@ test-fast: install ## Only the tests that train nothing (seconds)
 lint: install ## ruff (lint, format) and shellcheck
 	$(VENV)/bin/ruff check cifar_job tests bench
 	$(VENV)/bin/ruff format --check cifar_job tests bench
-	$(VENV)/bin/shellcheck -x slurm/*.sh tests/cluster/*.sh tests/docker/*.sh
+	$(VENV)/bin/shellcheck -x slurm/*.sh tests/cluster/*.sh tests/docker/*.sh .ci/run
 	$(VENV)/bin/hadolint --config .hadolint.yaml docker/Dockerfile
 
-test-docker: install ## Build the image on a local Docker engine and run it (slow, GBs)
-	$(PY) -m pytest -m docker --run-docker
+test-containers: install cluster ## Build the image; run it in Docker, and in pyxis/enroot on the cluster (~10 min)
+	$(PY) -m pytest -m container --run-containers -s
 
 bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench/gpu.py on CUDA)
 	$(PY) bench/cli_startup.py
@@ -72,8 +72,13 @@ bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 
-dist: install ## Build the project wheel into dist/
+dist: install ## Build the project wheel and its requirements.txt (for the image) into dist/
 	rm -rf dist && $(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+	$(PY) -c 'import sys, zipfile, email; w = zipfile.ZipFile(sys.argv[1]); \
+	  meta = next(n for n in w.namelist() if n.endswith(".dist-info/METADATA")); \
+	  deps = email.message_from_bytes(w.read(meta)).get_all("Requires-Dist"); \
+	  print(*(d for d in deps if "extra ==" not in d), sep="\n")' dist/cifar_job-*.whl \
+	  > dist/requirements.txt
 
 wheels: dist ## Fill wheels/ with every wheel the image needs, for air-gapped builds
 	mkdir -p wheels

@@ -52,7 +52,11 @@ class SlurmOptions:
     account: str | None = _slurm(None, "Slurm account.")
     qos: str | None = _slurm(None, "Slurm QOS.")
     constraint: str | None = _slurm(None, "Slurm node constraint.")
-    container_image: str | None = _slurm(None, "Run in this image (pyxis/enroot).")
+    container_image: str | None = _slurm(
+        None,
+        "Run the tasks in this image through pyxis/enroot: a squashfs file, dockerd://IMAGE or "
+        "REGISTRY#IMAGE. The current, data and run directories are mounted at their paths.",
+    )
     max_requeues: int = _slurm(
         10,
         "Requeues at the time limit before giving up (Slurm's own requeues on preemption "
@@ -155,7 +159,7 @@ def build_executor(
         cwd = os.getcwd()
         srun_args += [
             f"--container-image={slurm.container_image}",
-            f"--container-mounts={cwd}:{cwd}",
+            f"--container-mounts={container_mounts(cwd, cfg.run_dir, cfg.data_dir)}",
             f"--container-workdir={cwd}",
         ]
     setup, teardown = batch_lines(slurm, run_dirs or [cfg.run_dir])
@@ -183,6 +187,14 @@ def build_executor(
     return executor
 
 
+def container_mounts(*dirs: str) -> str:
+    """pyxis's --container-mounts for these host directories, each at its own path (a
+    directory inside another one is mounted with it)."""
+    paths = sorted({Path(d) for d in dirs})
+    outer = [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]
+    return ",".join(f"{p}:{p}" for p in outer)
+
+
 def absolute(cfg: TrainConfig) -> TrainConfig:
     """The config with its directories made absolute: the job may start elsewhere."""
     cfg.run_dir, cfg.data_dir = str(Path(cfg.run_dir).resolve()), str(Path(cfg.data_dir).resolve())
@@ -199,6 +211,8 @@ def submit(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.Job:
     """Submit the training job and return its handle."""
     check_slurm()
     executor = build_executor(absolute(cfg), slurm)
+    if slurm.container_image:  # pyxis mounts only directories that exist
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
     return executor.submit(TrainJob(cfg.to_dict()))
 
 
@@ -220,6 +234,8 @@ def submit_sweep(
     check_slurm()
     run_dirs = [e["run_dir"] for e in elements]
     executor = build_executor(absolute(cfg), slurm, False, run_dirs, max_parallel)
+    if slurm.container_image:
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
     with executor.batch():
         jobs = [executor.submit(TrainJob(e["config"])) for e in elements]
     return jobs

@@ -23,6 +23,22 @@ CIFAR_JOB_REQUEUE_EXIT=75 # checkpoints.REQUEUE_EXIT
 cifar_job_signalled=0     # USR1 reached this script
 cifar_job_stopping=0      # SIGTERM reached this script: Slurm is ending the job
 
+# cifar_job_host_dirs: for the container templates, the directories to mount at their own
+# paths, one a line: the submit directory, and DATA_DIR and RUN_DIR where they lie outside it
+# (created first: container runtimes mount only directories that exist).
+cifar_job_host_dirs() {
+  local dir
+  echo "${SLURM_SUBMIT_DIR}"
+  for dir in "${DATA_DIR}" "${RUN_DIR}"; do
+    mkdir -p "${dir}"
+    dir=$(cd "${dir}" && pwd -P)
+    case "${dir}/" in
+      "${SLURM_SUBMIT_DIR}"/*) ;;
+      *) echo "${dir}" ;;
+    esac
+  done
+}
+
 # cifar_job_before_step: the traps, and no marker left by an earlier start.
 cifar_job_before_step() {
   : "${RUN_DIR:?cifar-job: set RUN_DIR to the run directory}"

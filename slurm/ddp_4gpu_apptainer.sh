@@ -29,8 +29,11 @@ CIFAR_JOB_HOME=${CIFAR_JOB_HOME:-${SLURM_SUBMIT_DIR}}      # the checkout holdin
 
 source "${CIFAR_JOB_HOME}/slurm/requeue.sh" || {
   echo "cifar-job: no slurm/requeue.sh in ${CIFAR_JOB_HOME}; set CIFAR_JOB_HOME" >&2; exit 1; }
+# The submit, data and run directories are bound each at its own path, so relative and
+# absolute DATA_DIR and RUN_DIR mean the same inside and out.
+binds=$(cifar_job_host_dirs | paste -sd, -)
 # apptainer exec passes signals on to cifar-job, so USR1 reaches the training process.
 # shellcheck disable=SC2086  # APPTAINER_ARGS is a list of flags
 run_requeueable srun --kill-on-bad-exit=1 apptainer exec ${APPTAINER_ARGS} \
-  --bind "${SLURM_SUBMIT_DIR}" --pwd "${SLURM_SUBMIT_DIR}" "${SIF}" \
+  --bind "${binds}" --pwd "${SLURM_SUBMIT_DIR}" "${SIF}" \
   cifar-job train --data-dir "${DATA_DIR}" --run-dir "${RUN_DIR}" --accelerator "${ACCELERATOR}" "$@"

@@ -3,6 +3,8 @@
 #
 #   enroot import dockerd://cifar-job:latest          # once: cifar-job+latest.sqsh
 #   IMAGE=$PWD/cifar-job+latest.sqsh sbatch slurm/ddp_4gpu_pyxis.sh --max-epochs 100
+#   IMAGE=dockerd://cifar-job:latest sbatch ...      # or straight from the node's Docker engine
+#   IMAGE=registry.example.org#group/cifar-job:1.0 sbatch ...   # or from a registry
 #
 # The batch script runs on the host, so the requeue works although the image has no scontrol.
 # Scheduler settings: sbatch flags or SBATCH_* variables; trailing arguments go to train.
@@ -28,8 +30,10 @@ CIFAR_JOB_HOME=${CIFAR_JOB_HOME:-${SLURM_SUBMIT_DIR}}      # the checkout holdin
 
 source "${CIFAR_JOB_HOME}/slurm/requeue.sh" || {
   echo "cifar-job: no slurm/requeue.sh in ${CIFAR_JOB_HOME}; set CIFAR_JOB_HOME" >&2; exit 1; }
-# The submit directory is mounted at the same path, so relative DATA_DIR and RUN_DIR work.
+# The submit, data and run directories are mounted each at its own path, so relative and
+# absolute DATA_DIR and RUN_DIR mean the same inside and out.
+mounts=$(cifar_job_host_dirs | sed 's/.*/&:&/' | paste -sd, -)
+# enroot runs the job as your user, not the image's (1000): the run directory's files are yours.
 run_requeueable srun --kill-on-bad-exit=1 --container-image="${IMAGE}" \
-  --container-mounts="${SLURM_SUBMIT_DIR}:${SLURM_SUBMIT_DIR}" \
-  --container-workdir="${SLURM_SUBMIT_DIR}" \
+  --container-mounts="${mounts}" --container-workdir="${SLURM_SUBMIT_DIR}" \
   cifar-job train --data-dir "${DATA_DIR}" --run-dir "${RUN_DIR}" --accelerator "${ACCELERATOR}" "$@"

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -114,20 +116,71 @@ def cluster() -> None:
         pytest.skip("no Slurm cluster: run tests/cluster/start.sh (root, Debian) or `make cluster`")
 
 
+def sh(*cmd: str, timeout: float = 1800, **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+IMAGE = "cifar-job:test"
+
+
+@pytest.fixture(scope="session")
+def image() -> dict[str, str]:
+    """The image, built as `make image WHEELS=1` builds it (from a wheelhouse, with no
+    network) on the local Docker engine of tests/docker/start.sh, on a Debian base made there.
+    Built twice: the second build must come from the cache. Prints what each part took."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        pytest.skip("the test Docker engine needs root and apt-get")
+    t0 = time.monotonic()
+    started = sh(str(REPO / "tests/docker/start.sh"))
+    if started.returncode:
+        pytest.skip(f"no Docker engine: {started.stderr.strip()[-300:]}")
+    base = started.stdout.strip().splitlines()[-1]
+    figures = {"engine_and_base_s": round(time.monotonic() - t0)}
+    t0 = time.monotonic()
+    # The base image is Debian bookworm: Python 3.11, so the wheelhouse is for 3.11.
+    wheels = sh("make", "wheels", "WHEELS_PYTHON=3.11", cwd=REPO)
+    assert wheels.returncode == 0, wheels.stderr[-2000:]
+    figures["wheels_s"] = round(time.monotonic() - t0)
+    build = ["docker", "build", "--network", "none", "-f", "docker/Dockerfile", "-t", IMAGE]
+    for arg in (f"BASE_IMAGE={base}", "WHEELS=1", "VERSION=test", "REVISION=abc123"):
+        build += ["--build-arg", arg]
+    for attempt in ("build_s", "rebuild_s"):
+        t0 = time.monotonic()
+        built = sh(*build, ".", cwd=REPO)
+        figures[attempt] = round(time.monotonic() - t0, 1)
+        assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    assert "Using cache" in built.stdout and "Step" in built.stdout
+    # Earlier builds of the image, now untagged (GBs each, less the layers they share).
+    sh(
+        "docker",
+        "image",
+        "prune",
+        "-f",
+        "--filter",
+        "label=org.opencontainers.image.title=cifar-job",
+    )
+    size = int(sh("docker", "image", "inspect", IMAGE, "--format", "{{.Size}}").stdout)
+    figures["image_gb"] = round(size / 1e9, 2)
+    print(f"\nimage figures: {json.dumps(figures)}")
+    return {"tag": IMAGE, "base": base}
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--run-docker",
+        "--run-containers",
         action="store_true",
-        help="run the tests marked docker (build the image; slow, GBs of disk)",
+        help="run the tests marked container (build the image, run it in Docker and pyxis)",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-docker"):
+    if config.getoption("--run-containers"):
         return
-    skip = pytest.mark.skip(reason="image build takes GBs and minutes: `make test-docker` runs it")
+    skip = pytest.mark.skip(
+        reason="the image build takes GBs and minutes: `make test-containers` runs it"
+    )
     for item in items:
-        if "docker" in item.keywords:
+        if "container" in item.keywords:
             item.add_marker(skip)
 
 

@@ -1,74 +1,19 @@
-"""The container image, built for real on a local Docker engine from a wheelhouse with no
-network, then run as its non-root user. Opt-in (`make test-docker`): it moves GBs."""
+"""The container image (conftest's `image`: built for real on a local Docker engine from a
+wheelhouse, with no network), run with `docker run` as its non-root user. Run by
+`make test-containers`: it moves GBs."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 
 import pytest
-from conftest import REPO
+from conftest import IMAGE as TAG
+from conftest import sh
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
-TAG = "cifar-job:test"
-
-
-def sh(*cmd: str, timeout: float = 1800, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-@pytest.fixture(scope="module")
-def image() -> dict[str, float]:
-    """Build the image twice (cold, then cached) and return the figures."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("the test Docker engine needs root and apt-get")
-    started = sh(str(REPO / "tests/docker/start.sh"))
-    if started.returncode:
-        pytest.skip(f"no Docker engine: {started.stderr.strip()[-300:]}")
-    base = started.stdout.strip().splitlines()[-1]
-    # The base image is Debian bookworm: Python 3.11, so the wheelhouse is for 3.11.
-    wheels = sh("make", "wheels", "WHEELS_PYTHON=3.11", cwd=REPO)
-    assert wheels.returncode == 0, wheels.stderr[-2000:]
-    sh("docker", "rmi", "-f", TAG)
-    sh("docker", "builder", "prune", "-f")
-    build = [
-        "docker",
-        "build",
-        "--network",
-        "none",
-        "-f",
-        "docker/Dockerfile",
-        "-t",
-        TAG,
-        "--build-arg",
-        f"BASE_IMAGE={base}",
-        "--build-arg",
-        "WHEELS=1",
-        "--build-arg",
-        "VERSION=test",
-        "--build-arg",
-        "REVISION=abc123",
-        ".",
-    ]
-    t0 = time.monotonic()
-    cold = sh(*build, cwd=REPO)
-    cold_s = time.monotonic() - t0
-    assert cold.returncode == 0, cold.stdout[-3000:] + cold.stderr[-3000:]
-    t0 = time.monotonic()
-    cached = sh(*build, cwd=REPO)
-    cached_s = time.monotonic() - t0
-    assert cached.returncode == 0 and "Using cache" in cached.stdout
-    size = int(sh("docker", "image", "inspect", TAG, "--format", "{{.Size}}").stdout)
-    figures = {
-        "cold_build_s": round(cold_s),
-        "cached_build_s": round(cached_s, 1),
-        "image_gb": round(size / 1e9, 2),
-    }
-    print(f"\ndocker image figures: {json.dumps(figures)}")
-    return figures
+pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 
 def test_image_runs_help_as_its_non_root_user(image):
@@ -186,3 +131,65 @@ def test_docker_stop_saves_and_the_same_docker_run_resumes(image, tmp_path):
     starts = json.loads((runs / "stop" / "manifest.json").read_text())["starts"]
     assert [s["step"] for s in starts] == [None, marker["step"]]
     assert json.loads((runs / "stop" / "results.json").read_text())["global_step"] == 60
+
+
+def test_compile_works_in_the_image(image, tmp_path):
+    """torch.compile builds kernels when it runs (inductor with g++ on CPU; triton with a C
+    compiler and Python.h on GPU): the image carries what that needs."""
+    args = ["--dataset", "synthetic", "--synthetic-size", "300", "--val-size", "50"]
+    args += ["--arch", "resnet18", "--stem", "imagenet", "--batch-size", "32", "--num-workers", "0"]
+    run = sh(
+        "docker",
+        "run",
+        "--rm",
+        TAG,
+        "train",
+        *args,
+        "--compile",
+        "--fast-dev-run",
+        "--run-dir",
+        "/tmp/compiled",
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "test/acc " in run.stdout
+
+
+def test_image_is_torchs_cuda_wheels_and_little_else(image):
+    """What the image is made of: the base (Debian with Python, g++ and Python's headers),
+    torch's CUDA wheels installed (torch, nvidia-*, triton: the floor), the other Python
+    packages, and nothing else; none of what only a build needs (static libraries, pip's
+    cache). The bytecode stays: the venv is read-only at run time, so without it every start
+    would compile torch and Lightning again."""
+    script = r"""
+site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo floor $(du -cb "$site"/torch "$site"/nvidia "$site"/triton | tail -1 | cut -f1)
+echo venv $(du -sb /opt/venv | cut -f1)
+echo static $(find / -xdev -name '*.a' -path '*site-packages*' | wc -l)
+echo pip_cache $(find / -xdev -type d -path '*/.cache/pip' | wc -l)
+echo bytecode $(find "$site"/torch "$site"/lightning -name '*.pyc' | wc -l)
+"""
+    out = sh("docker", "run", "--rm", "--user", "0", "--entrypoint", "bash", TAG, "-c", script)
+    assert out.returncode == 0, out.stderr
+    found = {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+
+    def size(tag: str) -> int:
+        return int(sh("docker", "image", "inspect", tag, "--format", "{{.Size}}").stdout)
+
+    total, base = size(TAG), size(image["base"])
+    parts = {
+        "image": total,
+        "base": base,
+        "torch_cuda_wheels": found["floor"],
+        "other_packages": found["venv"] - found["floor"],
+        "rest": total - base - found["venv"],
+    }
+    history = sh("docker", "history", TAG, "--format", "{{.Size}}\t{{.CreatedBy}}").stdout
+    print("\nimage GB:", json.dumps({k: round(v / 1e9, 2) for k, v in parts.items()}))
+    print(history)
+    assert found["static"] == 0 and found["pip_cache"] == 0
+    assert found["bytecode"] > 1000
+    # Lightning, torchvision, numpy, matplotlib and the rest: 0.3 GB when measured.
+    assert parts["other_packages"] < 0.5e9, parts
+    # The user, its directories and the project's wheel: nothing else is added to the base.
+    assert parts["rest"] < 0.05e9, parts

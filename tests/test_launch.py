@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST, assert_matches_golden, cifar_job
+from conftest import FAST, REPO, assert_matches_golden, cifar_job
 
 from cifar_job.cli import main
 from cifar_job.launch import REQUEUE_SCRIPT, time_minutes
@@ -61,8 +62,22 @@ def test_submit_dry_run_with_a_container_image_uses_pyxis(tmp_path, monkeypatch)
     result = CliRunner().invoke(main, ["submit", "--dry-run", "--container-image", "cifar-job:1"])
     assert result.exit_code == 0, result.output
     srun = next(line for line in result.output.splitlines() if line.startswith("srun "))
-    assert "--container-image=cifar-job:1" in srun and f"--container-mounts={tmp_path}" in srun
+    assert "--container-image=cifar-job:1" in srun
+    assert f"--container-mounts={tmp_path}:{tmp_path} " in srun  # ./data and ./runs inside
+    assert f"--container-workdir={tmp_path} " in srun
     assert " python3 -u -m submitit.core._submit" in srun  # the image's Python
+
+
+def test_container_mounts_the_data_and_run_directories_wherever_they_are(tmp_path, monkeypatch):
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path / "home")
+    data, runs = tmp_path / "scratch" / "data", tmp_path / "project" / "runs"
+    args = ["submit", "--dry-run", "--container-image", "img.sqsh"]
+    result = CliRunner().invoke(main, [*args, "--data-dir", str(data), "--run-dir", str(runs)])
+    assert result.exit_code == 0, result.output
+    mounts = result.output.split("--container-mounts=")[1].split()[0].split(",")
+    home = tmp_path / "home"
+    assert sorted(mounts) == sorted(f"{d}:{d}" for d in (home, data, runs))
 
 
 @pytest.mark.parametrize(
@@ -145,3 +160,25 @@ def test_batch_script_and_training_agree_on_the_requeue_status():
     assert f"CIFAR_JOB_REQUEUE_EXIT={checkpoints.REQUEUE_EXIT} " in shell
     assert f'"${{RUN_DIR}}/{checkpoints.MARKER}"' in shell
     assert (Path(__file__).parent.parent / "slurm" / "requeue.sh").resolve() == REQUEUE_SCRIPT
+
+
+def test_container_templates_mount_the_data_and_run_directories_wherever_they_are(tmp_path):
+    """The pyxis and Apptainer templates mount what requeue.sh's cifar_job_host_dirs lists: the
+    submit directory, plus the data and run directories that lie outside it (created)."""
+    submit, data = tmp_path / "submit", tmp_path / "scratch" / "data"
+    submit.mkdir()
+    env = {
+        **os.environ,
+        "SLURM_SUBMIT_DIR": str(submit),
+        "DATA_DIR": str(data),
+        "RUN_DIR": "runs/x",
+    }
+    script = f"source {REQUEUE_SCRIPT} && cifar_job_host_dirs"
+    out = subprocess.run(
+        ["bash", "-c", script], cwd=submit, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(submit), str(data)]
+    assert data.is_dir() and (submit / "runs" / "x").is_dir()
+    for template in ("ddp_4gpu_pyxis.sh", "ddp_4gpu_apptainer.sh"):
+        assert "$(cifar_job_host_dirs" in (REPO / "slurm" / template).read_text()

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Starts a Docker engine for the tests marked `docker` (Debian's docker.io, started by hand:
+# Starts a Docker engine for the tests marked `container` (Debian's docker.io, started by hand:
 # no systemd here) and makes the local base image they build on, since no registry can be
-# reached: a Debian bookworm root filesystem with Python 3.11 (debootstrap, ~40 s, once).
+# reached: a Debian bookworm root filesystem with Python 3.11 and what torch.compile needs at
+# run time, g++ and Python's headers (debootstrap, ~1 min, once).
 # Idempotent. Needs root and Debian or Ubuntu. Prints the base image's name.
 set -euo pipefail
 
 DATA_ROOT=${DOCKER_TEST_DATA_ROOT:-/var/lib/cifar-job-docker}
-BASE=${DOCKER_TEST_BASE:-cifar-job-test-base:bookworm}
+BASE=${DOCKER_TEST_BASE:-cifar-job-test-base:bookworm-3}
 
 if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
   echo "docker: installing docker.io and debootstrap (apt)" >&2
@@ -27,7 +28,8 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   echo "docker: building $BASE with debootstrap" >&2
   root=$(mktemp -d)
   # No mirror argument: debootstrap's own default.
-  debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" >/dev/null
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,g++ bookworm "$root" >/dev/null
+  find "$root/usr/lib" -name 'libpython3*.a' -delete   # as the Dockerfile does
   tar -C "$root" -c . | docker import - "$BASE" >/dev/null
   rm -rf "$root"
 fi

@@ -1,0 +1,139 @@
+"""The image on the Slurm cluster, through NVIDIA's pyxis plugin and enroot, both built from
+source and enabled on the test cluster by tests/cluster/pyxis.sh: the pyxis template and
+`cifar-job submit --container-image` train inside the container, are preempted, and resume
+there; the image's PATH, working directory and user behave as the README says.
+
+The image is the Docker one (conftest's `image`), imported once into pyxis's import cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IMAGE, REPO, cifar_job, sh
+from slurmjobs import (
+    ONE_NODE_TWO_TASKS,
+    STEPS_PER_EPOCH,
+    SUBMIT_TWO_NODES,
+    TRAIN,
+    assert_no_rank_left,
+    ckpt_step,
+    preempt,
+    resumed_steps,
+    saved_steps,
+    sbatch,
+    wait_done,
+    wait_for_step,
+)
+
+pytestmark = [pytest.mark.container, pytest.mark.slurm, pytest.mark.slow]
+
+URI = f"dockerd://{IMAGE}"
+VENV_PYTHON = "/opt/venv/bin/python"
+# The CIFAR-format archive's 1,500 training images less 500 for validation: 25 steps an epoch,
+# as in the other cluster tests; read from a data directory outside the submit directory.
+RUN = [
+    *("--dataset", "cifar10", "--val-size", "500", "--max-epochs", "2"),
+    *TRAIN[TRAIN.index("--arch") :],
+]
+TOTAL = 2 * STEPS_PER_EPOCH
+
+
+@pytest.fixture(scope="module")
+def pyxis(cluster, image) -> str:
+    """enroot and pyxis on the cluster, and the image in the import cache. Returns its URI."""
+    t0 = time.monotonic()
+    setup = sh(str(REPO / "tests/cluster/pyxis.sh"))
+    if setup.returncode == 3:
+        pytest.skip(setup.stderr.strip())
+    assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
+    figures = {"setup_s": round(time.monotonic() - t0, 1)}
+    for step in ("first_step_s", "later_step_s"):  # the first one imports the image
+        t0 = time.monotonic()
+        ran = sh("srun", "-N2", f"--container-image={URI}", "true", cwd="/tmp")
+        figures[step] = round(time.monotonic() - t0, 1)
+        assert ran.returncode == 0, ran.stderr
+    print(f"\npyxis figures: {json.dumps(figures)}")
+    return URI
+
+
+def manifest_starts(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "manifest.json").read_text())["starts"]
+
+
+def assert_trained_in_the_container_to_the_end(run_dir: Path, log: str) -> None:
+    """One preemption: saved, resumed at that very step inside the image, finished."""
+    saved = saved_steps(log)
+    assert len(saved) == 1 and resumed_steps(run_dir) == [None, *saved], log[-3000:]
+    assert ckpt_step(run_dir) == TOTAL
+    assert all(s["python"].startswith(VENV_PYTHON) for s in manifest_starts(run_dir))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["global_step"] == TOTAL and 0 <= results["test/acc"] <= 1
+    assert log.count("Slurm is ending job") == 1 and "after the run saved" in log
+    assert "Bus error" not in log  # the image stayed mounted while the ranks saved
+    assert_no_rank_left(run_dir)
+
+
+def test_pyxis_template_is_preempted_and_resumes_inside_the_container(pyxis, data_dir, tmp_path):
+    """sbatch slurm/ddp_4gpu_pyxis.sh, CPU, 1 node x 2 tasks, in the preemptible partition."""
+    run_dir = tmp_path / "run"
+    template = str(REPO / "slurm/ddp_4gpu_pyxis.sh")
+    env = {"IMAGE": pyxis, "RUN_DIR": str(run_dir), "DATA_DIR": str(data_dir)}
+    job = sbatch("-p", "low", *ONE_NODE_TWO_TASKS, template, *RUN, cwd=tmp_path, **env)
+    log = tmp_path / f"slurm-cifar-job-{job}.out"
+    wait_for_step(log.name, tmp_path, TOTAL // 3, after="start 1 on")
+    preempt(tmp_path)
+    assert wait_done(job, timeout=400) == "COMPLETED", log.read_text()[-3000:]
+    assert_trained_in_the_container_to_the_end(run_dir, log.read_text())
+
+
+def test_submit_with_a_container_image_on_two_nodes_resumes_inside_it(pyxis, data_dir, tmp_path):
+    """cifar-job submit --container-image ... --nodes 2, from the host's venv (a login node)."""
+    run_dir = tmp_path / "run"
+    submitted = cifar_job(
+        *SUBMIT_TWO_NODES,
+        *("--partition", "low", "--container-image", pyxis, "--accelerator", "cpu"),
+        *RUN,
+        *("--data-dir", str(data_dir), "--run-dir", str(run_dir)),
+        cwd=tmp_path,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted job ")[1].split()[0]
+    log = f"submitit/{job}_0_log.out"
+    wait_for_step(log, run_dir, TOTAL // 3, after="start 1 on")
+    preempt(tmp_path)
+    assert wait_done(job, timeout=400) == "COMPLETED"
+    text = (run_dir / log).read_text()
+    assert_trained_in_the_container_to_the_end(run_dir, text)
+    assert text.count("2 process(es) on 2 node(s)") == 2  # both starts, on both nodes
+    info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
+    assert info["state"] == "finished" and info["restarts"] == 1
+
+
+def test_image_path_workdir_and_user_under_enroot(pyxis, tmp_path):
+    """enroot keeps the image's ENV (PATH with the venv, HOME) and WORKDIR, ignores its USER
+    (1000) and runs as the job's user; files in a mounted run directory are that user's."""
+
+    def in_container(*args: str) -> subprocess.CompletedProcess[str]:
+        mount = f"--container-mounts={tmp_path}:{tmp_path}"
+        return sh("srun", "-N1", f"--container-image={pyxis}", mount, *args, cwd=tmp_path)
+
+    shell = in_container("bash", "-c", 'echo "$(id -u) $PWD $HOME $(command -v cifar-job)"')
+    assert shell.returncode == 0, shell.stderr
+    uid, workdir, home, command = shell.stdout.split()
+    assert (workdir, home, command) == ("/runs", "/home/cifar", "/opt/venv/bin/cifar-job")
+    assert uid == str(os.getuid())
+    assert os.getuid() != 1000  # the job's user, not the image's
+
+    moved = in_container(f"--container-workdir={tmp_path}", "pwd")
+    assert moved.stdout.strip() == str(tmp_path)
+
+    smoke = tmp_path / "smoke"
+    args = ["--dataset", "synthetic", "--synthetic-size", "300", "--val-size", "50"]
+    train = in_container("cifar-job", "train", *args, "--fast-dev-run", "--run-dir", str(smoke))
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    assert {p.stat().st_uid for p in smoke.rglob("*")} == {os.getuid()}
