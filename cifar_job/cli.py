@@ -412,7 +412,7 @@ def submit_grid(
     from pathlib import Path
 
     from cifar_job import sweep
-    from cifar_job.launch import absolute, queued_elements, submit_sweep, sweep_text
+    from cifar_job.launch import absolute, queued_elements, sbatch_text, submit_sweep
 
     grid = sweep_grid(ctx, sweep_pairs, sweep_file)
     plan = sweep.make_plan(absolute(cfg), grid, list(range(seeds or 0)), allow_many=yes)
@@ -423,7 +423,7 @@ def submit_grid(
     indices = [i for i, e in enumerate(elements) if i not in busy and not sweep.is_finished(e)]
     todo = [elements[i] for i in indices]
     if dry_run:
-        click.echo(sweep_text(cfg, slurm, todo or elements, max_parallel), nl=False)
+        click.echo(sbatch_text(cfg, slurm, todo or elements, max_parallel), nl=False)
         click.echo(f"\n# {len(todo)} of {len(elements)} runs to submit ({cfg.run_dir}/sweep.json):")
         for index, e in enumerate(elements):
             state = "to run" if index in indices else "queued" if index in busy else "finished"
@@ -558,8 +558,8 @@ def compare(run_dirs: tuple[str, ...], as_json: bool, plot: bool, out: str | Non
     that differ only in their seed also get the mean and spread over the seeds."""
     from pathlib import Path
 
+    from cifar_job.plot import plot_curves
     from cifar_job.sweep import compare as compare_runs
-    from cifar_job.sweep import plot_curves
 
     table = compare_runs([Path(d) for d in run_dirs])
     if plot:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,13 +162,14 @@ class TrainConfig:
                 raise OptionError(
                     f"--{dashed(f.name)} must be one of {', '.join(choices)}, got {value!r}"
                 )
-        least = {"batch_size": 1, "max_epochs": 1, "num_nodes": 1, "log_every_n_steps": 1}
-        least |= {"synthetic_size": 1, "lr": 0, "weight_decay": 0, "momentum": 0}
-        least |= {"val_size": 0, "num_workers": 0, "warmup_epochs": 0, "cutout": 0}
-        for name, low in (least | {"checkpoint_every": 0}).items():
-            if getattr(self, name) < low:
-                rule = "be 1 or more" if low else "not be negative"
-                raise OptionError(f"--{dashed(name)} must {rule}, got {getattr(self, name)}")
+        positive = ("batch_size", "max_epochs", "num_nodes", "log_every_n_steps", "synthetic_size")
+        non_negative = ("lr", "weight_decay", "momentum", "val_size", "num_workers")
+        non_negative += ("warmup_epochs", "cutout", "checkpoint_every")
+        bounds = ((positive, 1, "be 1 or more"), (non_negative, 0, "not be negative"))
+        for names, low, rule in bounds:
+            for name in names:
+                if getattr(self, name) < low:
+                    raise OptionError(f"--{dashed(name)} must {rule}, got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise OptionError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         parse_devices(self.devices)
@@ -263,6 +265,13 @@ def read_json(path: Path, what: str) -> Any:
             f"{path} is damaged ({e}); it holds {what}. Restore it from a copy, or move it "
             "away to carry on without it."
         ) from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def resume_clashes(old: dict[str, Any], new: TrainConfig) -> list[str]:

@@ -201,44 +201,48 @@ def absolute(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def sbatch_text(cfg: TrainConfig, slurm: SlurmOptions) -> str:
-    """The sbatch script `submit` would send."""
-    executor = build_executor(absolute(cfg), slurm, dry_run=True)
+def sbatch_text(
+    cfg: TrainConfig,
+    slurm: SlurmOptions,
+    elements: list[dict[str, Any]] | None = None,
+    max_parallel: int | None = None,
+) -> str:
+    """The sbatch script `submit` would send: for the run, or for these elements of a sweep."""
+    run_dirs = [e["run_dir"] for e in elements] if elements else None
+    executor = build_executor(absolute(cfg), slurm, True, run_dirs, max_parallel)
+    if run_dirs and len(run_dirs) > 1:
+        executor.parameters["map_count"] = len(run_dirs)  # as submitit's array submission does
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
 def submit(cfg: TrainConfig, slurm: SlurmOptions) -> submitit.Job:
     """Submit the training job and return its handle."""
-    check_slurm()
-    executor = build_executor(absolute(cfg), slurm)
-    if slurm.container_image:  # pyxis mounts only directories that exist
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-    return executor.submit(TrainJob(cfg.to_dict()))
-
-
-def sweep_text(
-    cfg: TrainConfig, slurm: SlurmOptions, elements: list[dict[str, Any]], max_parallel: int | None
-) -> str:
-    """The sbatch script `submit` would send for these elements of a sweep."""
-    run_dirs = [e["run_dir"] for e in elements]
-    executor = build_executor(absolute(cfg), slurm, True, run_dirs, max_parallel)
-    if len(run_dirs) > 1:
-        executor.parameters["map_count"] = len(run_dirs)  # as submitit's array submission does
-    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+    return _live_executor(cfg, slurm).submit(TrainJob(cfg.to_dict()))
 
 
 def submit_sweep(
     cfg: TrainConfig, slurm: SlurmOptions, elements: list[dict[str, Any]], max_parallel: int | None
 ) -> list[submitit.Job]:
     """Submit the elements as one job array (one plain job for a single element)."""
-    check_slurm()
-    run_dirs = [e["run_dir"] for e in elements]
-    executor = build_executor(absolute(cfg), slurm, False, run_dirs, max_parallel)
-    if slurm.container_image:
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    executor = _live_executor(cfg, slurm, [e["run_dir"] for e in elements], max_parallel)
     with executor.batch():
         jobs = [executor.submit(TrainJob(e["config"])) for e in elements]
     return jobs
+
+
+def _live_executor(
+    cfg: TrainConfig,
+    slurm: SlurmOptions,
+    run_dirs: list[str] | None = None,
+    max_parallel: int | None = None,
+) -> submitit.SlurmExecutor:
+    """The executor of a real submission: Slurm must be there, and, for a container, the data
+    directory too (pyxis mounts only directories that exist)."""
+    check_slurm()
+    executor = build_executor(absolute(cfg), slurm, False, run_dirs, max_parallel)
+    if slurm.container_image:
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    return executor
 
 
 def queued_elements(submissions: list[dict[str, Any]]) -> set[int]:

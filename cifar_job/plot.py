@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 from cifar_job import CifarJobError, OptionError
 from cifar_job.config import CLASSES, read_json
@@ -46,14 +47,33 @@ def read_epoch_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted(values.items()) for key, values in by_epoch.items()}
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write <run_dir>/curves.png (or `out`) and return its path."""
+def _pyplot():
+    """matplotlib's pyplot, drawing to files: there is no display on cluster nodes."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on cluster nodes
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write the figure to `out` in the format its suffix names, and close it."""
+    plt = _pyplot()
+    formats = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in formats:
+        plt.close(fig)
+        raise OptionError(f"--out {out}: give a file ending in .png (or .{', .'.join(formats)})")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write <run_dir>/curves.png (or `out`) and return its path."""
     from matplotlib.ticker import MaxNLocator
 
+    plt = _pyplot()
     run_dir = Path(run_dir)
     series = read_epoch_metrics(run_dir)
     results_path = run_dir / "results.json"
@@ -91,11 +111,21 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     ax.text(j, i, int(count), ha="center", va="center", fontsize=6)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "curves.png"
-    formats = fig.canvas.get_supported_filetypes()
-    if out.suffix.lstrip(".").lower() not in formats:
-        plt.close(fig)
-        raise OptionError(f"--out {out}: give a file ending in .png (or .{', .'.join(formats)})")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out) if out else run_dir / "curves.png")
+
+
+def plot_curves(table: dict[str, Any], out: Path) -> Path:
+    """`compare --plot`: val/acc per epoch of every run in `table`, in one figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _pyplot().subplots(figsize=(8, 5))
+    for row in table["runs"]:
+        if row["val_acc_curve"]:
+            ax.plot(*zip(*row["val_acc_curve"]), marker="o", markersize=3, label=row["name"])
+    ax.set(xlabel="epoch", ylabel="val/acc", title="validation accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if len(table["runs"]) <= 20:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, out)

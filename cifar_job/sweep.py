@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from cifar_job import CifarJobError, OptionError, __version__
-from cifar_job.config import FIXED, TrainConfig, dashed, read_json
+from cifar_job.config import FIXED, TrainConfig, dashed, read_json, write_json
 
 PLAN = "sweep.json"
 # More elements than this is most likely a typo (a long list times another): ask first.
@@ -40,7 +39,7 @@ def expand(
     bad value is a usage error before anything is submitted.
     """
     for key, values in grid.items():
-        if key in NOT_SWEPT or key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        if key in NOT_SWEPT:  # the CLI has refused keys that are not train options
             raise OptionError(f"--sweep {dashed(key)}: where a run lives cannot be swept")
         if not values:
             raise OptionError(f"--sweep {dashed(key)}: give at least one value")
@@ -92,9 +91,7 @@ def write_plan(run_dir: Path, plan: dict[str, Any]) -> None:
         if not plan["submissions"]:  # a new plan for the same sweep: keep what was submitted
             plan["submissions"] = old.get("submissions", [])
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{PLAN}.tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, plan)
 
 
 def plan_clashes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -178,26 +175,3 @@ def compare(run_dirs: list[Path]) -> dict[str, Any]:
             over_seeds.append({"name": name, "seeds": len(scores), "mean": mean, "std": std})
     over_seeds.sort(key=lambda g: -g["mean"])
     return {"runs": rows, "over_seeds": over_seeds}
-
-
-def plot_curves(table: dict[str, Any], out: Path) -> Path:
-    """val/acc per epoch of every run, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in table["runs"]:
-        if row["val_acc_curve"]:
-            ax.plot(*zip(*row["val_acc_curve"]), marker="o", markersize=3, label=row["name"])
-    ax.set(xlabel="epoch", ylabel="val/acc", title="validation accuracy")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if len(table["runs"]) <= 20:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

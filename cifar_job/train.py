@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,7 +13,13 @@ from typing import Any
 import lightning as L
 
 from cifar_job import CifarJobError, OptionError, __version__, checkpoints
-from cifar_job.config import TrainConfig, max_time_seconds, read_json, resume_clashes
+from cifar_job.config import (
+    TrainConfig,
+    max_time_seconds,
+    read_json,
+    resume_clashes,
+    write_json,
+)
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
 from cifar_job.trainer import build_trainer, end_process_group, job_id
@@ -123,13 +128,6 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     if results.get("max_epochs") != cfg.max_epochs:
         return None  # asked for more (or fewer) epochs: train on from last.ckpt
     return {**results, "already_finished": True}
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _manifest(run_dir: Path) -> dict[str, Any]:

@@ -109,6 +109,15 @@ FAST = [
 ]
 
 
+# One batch each of training, validation and test on tiny generated data: whether training
+# runs at all somewhere (a container), not what it learns.
+SMOKE = [
+    *("--dataset", "synthetic", "--synthetic-size", "300", "--val-size", "50"),
+    *("--arch", "resnet18", "--stem", "imagenet", "--batch-size", "32", "--num-workers", "0"),
+    "--fast-dev-run",
+]
+
+
 @pytest.fixture(scope="session")
 def cluster() -> None:
     """The local Slurm cluster (tests/cluster/start.sh), or a skip that says how to start it."""

@@ -94,7 +94,6 @@ def wait_for_text(path_glob: str, base: Path, text: str, timeout: float = 180) -
 def wait_for_step(path_glob: str, base: Path, step: int, after: str, timeout: float = 180) -> None:
     """Wait until a log shows training at `step` or later, past the last line holding `after`
     (a start that resumed beyond `step` counts as soon as it trains)."""
-    import re
 
     def reached(log: str) -> bool:
         log = log[log.rindex(after) :] if after in log else ""
@@ -141,5 +140,10 @@ def saved_steps(log: str) -> list[int]:
     return sorted(set(steps))
 
 
+def manifest_starts(run_dir: Path) -> list[dict]:
+    """What manifest.json records of each start of the run."""
+    return json.loads((run_dir / "manifest.json").read_text())["starts"]
+
+
 def resumed_steps(run_dir: Path) -> list[int | None]:
-    return [s["step"] for s in json.loads((run_dir / "manifest.json").read_text())["starts"]]
+    return [s["step"] for s in manifest_starts(run_dir)]

@@ -301,6 +301,12 @@ CASES = {
     "plot to a text file": Case(
         "plot {tmp}/run --out {tmp}/curves.txt", 2, ("--out", "curves.txt", ".png"), run_dir
     ),
+    "compare --plot to a text file": Case(
+        "compare {tmp}/run --plot --out {tmp}/compare.txt",
+        2,
+        ("--out", "compare.txt", ".png"),
+        run_dir,
+    ),
     "plot into a missing directory": Case(
         "plot {tmp}/run --out {tmp}/none/curves.png", 1, ("none/curves.png",), run_dir
     ),

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import IMAGE as TAG
-from conftest import sh
+from conftest import SMOKE, sh
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -37,33 +37,8 @@ def test_image_trains_into_a_mounted_run_directory(image, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     os.chown(runs, 1000, 1000)  # the image's user owns the volume, as `docker run --user` would
-    args = [
-        "docker",
-        "run",
-        "--rm",
-        "--shm-size=1g",
-        "-v",
-        f"{runs}:/runs",
-        TAG,
-        "train",
-        "--dataset",
-        "synthetic",
-        "--synthetic-size",
-        "300",
-        "--val-size",
-        "50",
-        "--arch",
-        "resnet18",
-        "--stem",
-        "imagenet",
-        "--batch-size",
-        "32",
-        "--num-workers",
-        "0",
-        "--fast-dev-run",
-        "--run-dir",
-        "/runs/smoke",
-    ]
+    volume = ["--shm-size=1g", "-v", f"{runs}:/runs"]
+    args = ["docker", "run", "--rm", *volume, TAG, "train", *SMOKE, "--run-dir", "/runs/smoke"]
     run = sh(*args, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "test/acc " in run.stdout
@@ -136,21 +111,8 @@ def test_docker_stop_saves_and_the_same_docker_run_resumes(image, tmp_path):
 def test_compile_works_in_the_image(image, tmp_path):
     """torch.compile builds kernels when it runs (inductor with g++ on CPU; triton with a C
     compiler and Python.h on GPU): the image carries what that needs."""
-    args = ["--dataset", "synthetic", "--synthetic-size", "300", "--val-size", "50"]
-    args += ["--arch", "resnet18", "--stem", "imagenet", "--batch-size", "32", "--num-workers", "0"]
-    run = sh(
-        "docker",
-        "run",
-        "--rm",
-        TAG,
-        "train",
-        *args,
-        "--compile",
-        "--fast-dev-run",
-        "--run-dir",
-        "/tmp/compiled",
-        timeout=900,
-    )
+    train = ["train", *SMOKE, "--compile", "--run-dir", "/tmp/compiled"]
+    run = sh("docker", "run", "--rm", TAG, *train, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "test/acc " in run.stdout
 

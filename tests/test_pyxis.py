@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IMAGE, REPO, cifar_job, sh
+from conftest import IMAGE, REPO, SMOKE, cifar_job, sh
 from slurmjobs import (
     ONE_NODE_TWO_TASKS,
     STEPS_PER_EPOCH,
@@ -22,6 +22,7 @@ from slurmjobs import (
     TRAIN,
     assert_no_rank_left,
     ckpt_step,
+    manifest_starts,
     preempt,
     resumed_steps,
     saved_steps,
@@ -59,10 +60,6 @@ def pyxis(cluster, image) -> str:
         assert ran.returncode == 0, ran.stderr
     print(f"\npyxis figures: {json.dumps(figures)}")
     return URI
-
-
-def manifest_starts(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "manifest.json").read_text())["starts"]
 
 
 def assert_trained_in_the_container_to_the_end(run_dir: Path, log: str) -> None:
@@ -133,7 +130,6 @@ def test_image_path_workdir_and_user_under_enroot(pyxis, tmp_path):
     assert moved.stdout.strip() == str(tmp_path)
 
     smoke = tmp_path / "smoke"
-    args = ["--dataset", "synthetic", "--synthetic-size", "300", "--val-size", "50"]
-    train = in_container("cifar-job", "train", *args, "--fast-dev-run", "--run-dir", str(smoke))
+    train = in_container("cifar-job", "train", *SMOKE, "--run-dir", str(smoke))
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     assert {p.stat().st_uid for p in smoke.rglob("*")} == {os.getuid()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import REPO, assert_matches_golden, cifar_job
-from slurmjobs import TRAIN, ckpt_step, sbatch, wait_for_text
+from slurmjobs import TRAIN, ckpt_step, manifest_starts, sbatch, wait_for_text
 
 from cifar_job.cli import main
 
@@ -36,10 +36,6 @@ def array_done(job: str, timeout: float = 400) -> None:
         time.sleep(1)
     subprocess.run(["scancel", job])
     raise AssertionError(f"job array {job} still running after {timeout} s")
-
-
-def starts(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "manifest.json").read_text())["starts"]
 
 
 @pytest.mark.slurm
@@ -69,9 +65,10 @@ def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, tmp_p
     for d in dirs:
         results = json.loads((d / "results.json").read_text())
         assert results["global_step"] == STEPS and ckpt_step(d) == STEPS
-    again = starts(dirs[1])
+    again = manifest_starts(dirs[1])
     assert len(again) == 2 and again[1]["step"] >= 2  # resumed where it saved, not from 0
-    assert [len(starts(d)) for d in (dirs[0], dirs[2], dirs[3])] == [1, 1, 1]  # undisturbed
+    undisturbed = (dirs[0], dirs[2], dirs[3])
+    assert [len(manifest_starts(d)) for d in undisturbed] == [1, 1, 1]
 
     status = cifar_job("status", str(sweep))
     assert status.returncode == 0, status.stderr
@@ -83,7 +80,8 @@ def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, tmp_p
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
     assert sorted(g["name"] for g in table["over_seeds"]) == ["lr-0.02", "lr-0.05"]
     assert all(g["seeds"] == 2 for g in table["over_seeds"])
-    assert (sweep / "compare.png").stat().st_size > 10_000
+    png = (sweep / "compare.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
     # Resubmitting the finished sweep starts nothing; after losing one element's results,
     # only that element runs again.
@@ -94,7 +92,7 @@ def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, tmp_p
     assert rest.returncode == 0, rest.stdout + rest.stderr
     assert "1 of 4 runs" in rest.stdout and "lr-0.02_seed-0: test/acc" in rest.stdout
     assert (dirs[2] / "results.json").exists()
-    assert [len(starts(d)) for d in dirs] == [1, 2, 2, 1]
+    assert [len(manifest_starts(d)) for d in dirs] == [1, 2, 2, 1]
 
 
 def test_sweep_dry_run_prints_the_array_script_and_the_runs(tmp_path, monkeypatch):
