@@ -21,7 +21,7 @@ DOCKER_BUILD_ARGS ?=
 WHEEL_PLATFORMS := $(foreach n,$(shell seq 5 39),--platform manylinux_2_$(n)_x86_64) \
   $(foreach g,2014 2010 1,--platform manylinux$(g)_x86_64)
 
-.PHONY: help install demo test test-fast test-containers bench lint cluster cluster-stop dist wheels image clean
+.PHONY: help install demo test test-fast test-containers test-containers-fresh wipe bench lint cluster cluster-stop dist wheels image clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -63,12 +63,16 @@ lint: install ## ruff (lint, format) and shellcheck
 test-containers: install cluster ## Build the image; run it in Docker, and in pyxis/enroot on the cluster (~10 min)
 	$(PY) -m pytest -m container --run-containers -s
 
+test-containers-fresh: wipe ## The same from nothing, as on a new machine: no images, caches or cluster state
+	$(MAKE) test-containers
+
 bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench/gpu.py on CUDA)
 	$(PY) bench/cli_startup.py
 	$(PY) bench/data_path.py
 	$(PY) bench/lightning_overhead.py 2>/dev/null
 	$(PY) bench/ddp_cpu.py
 	$(PY) bench/checkpoint_cost.py 2>/dev/null
+	$(PY) bench/watchdog_cost.py 2>/dev/null | tail -n 1
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 
@@ -98,6 +102,9 @@ cluster: ## Start the 2-node Slurm cluster the slurm tests use (needs root and a
 
 cluster-stop: ## Stop that cluster
 	tests/cluster/stop.sh
+
+wipe: ## Stop the test cluster and Docker engine and delete their state, images and caches
+	tests/cluster/wipe.sh
 
 clean: ## Remove the venv, caches, runs/, dist/ and wheels/
 	rm -rf $(VENV) runs dist wheels .pytest_cache .ruff_cache *.egg-info

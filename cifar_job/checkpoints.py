@@ -28,7 +28,6 @@ How a run stops, and how the next start picks up where it stopped:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import tempfile
@@ -43,7 +42,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
-from cifar_job import CifarJobError, Preempted
+from cifar_job import CifarJobError, Preempted, events
+from cifar_job.config import write_json
 
 # EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
 REQUEUE_EXIT = 75
@@ -65,15 +65,30 @@ SIGNALS = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: STO
 _received: list[int] = []  # the signals this process got, oldest first
 
 
+_wakeup: list[int] = []  # the read end of the signals' wakeup pipe, once installed
+
+
 def install_signal_handlers() -> None:
     """Note USR1, USR2 and SIGTERM from now on, for the whole process (main thread only).
 
     Installed once, before anything slow, so a signal during start-up or evaluation is not
     lost either, and submitit's own handlers (which would requeue from rank 0 alone) never
-    act: the batch script is the one requeue owner.
+    act: the batch script is the one requeue owner. Every signal is also written, as it
+    arrives, to a pipe that the watchdog's thread reads (wakeup_reader): the handlers run
+    only when the main thread runs Python, which a rank stuck in a collective never does.
     """
     for sig in SIGNALS:
         signal.signal(sig, _note)
+    if not _wakeup:
+        reader, writer = os.pipe()
+        os.set_blocking(writer, False)
+        signal.set_wakeup_fd(writer, warn_on_full_buffer=False)
+        _wakeup.append(reader)
+
+
+def wakeup_reader() -> int | None:
+    """The file descriptor on which each signal's number arrives as a byte, or None."""
+    return _wakeup[0] if _wakeup else None
 
 
 def _note(signum: int, frame: Any) -> None:
@@ -109,6 +124,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self) -> None:
         super().__init__()
         self.resume_path: str | None = None
+        self.after_write: Any = None  # the watchdog's: what follows is the save's barrier
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
@@ -126,6 +142,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        if self.after_write is not None:
+            self.after_write()
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
         chosen = self.resume_path or path
@@ -192,12 +210,67 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
     return path, step
 
 
+def write_marker(run_dir: Path, **decision: Any) -> None:
+    """Record how this start ends (the step, the signal or "hang", whether to requeue,
+    whether the save is whole, nodes to exclude) for the batch script, atomically."""
+    write_json(run_dir / MARKER, decision, indent=None)  # one line: the job log quotes it
+
+
 def clear_leftovers(run_dir: Path) -> None:
     """What an earlier start left that this one takes over (rank 0, before training): its
-    marker, and the temporary files of saves that a kill interrupted (40-90 MB each)."""
+    marker and hang record, and the temporary files of saves that a kill interrupted (40-90
+    MB each). Heartbeats stay: this start's ranks are writing theirs already, and the
+    watchdog tells earlier starts' apart."""
     (run_dir / MARKER).unlink(missing_ok=True)
+    (run_dir / "hang.json").unlink(missing_ok=True)
     for tmp in run_dir.glob(".*.ckpt.*.tmp"):
         tmp.unlink(missing_ok=True)
+
+
+def check_progress(run_dir: Path, job: str | None, resume_step: int | None, budget: int) -> None:
+    """Stop, with one message that names the repeated failure, when the last `budget` starts
+    of this Slurm job each ended without a new checkpoint.
+
+    A stop that Slurm announced (preemption, a time limit) is nobody's failure and neither
+    counts nor breaks the run of failures. A new job (a resubmission, a rerun by hand) starts
+    a new count.
+    """
+    if job is None or budget <= 0:
+        return
+    starts: list[dict[str, Any]] = []
+    for event in events.read(run_dir):
+        if event["event"] == "start":
+            starts.append({**event, "ends": []})
+        elif event["event"] in ("end", "hang") and starts:
+            starts[-1]["ends"].append(event)
+    stalled = []
+    later = resume_step or 0
+    for start in reversed(starts):
+        if start.get("job") != job or later > (start.get("step") or 0):
+            break  # another job's, or it made a checkpoint
+        if any(e.get("reason") == "stopped" for e in start["ends"]):
+            continue
+        stalled.append(start)
+    if len(stalled) < budget:
+        return
+    why = [_failure(start["ends"]) for start in reversed(stalled)]
+    said = f"each ended with {why[0]}" if len(set(why)) == 1 else "; ".join(why)
+    raise CifarJobError(
+        f"the last {len(stalled)} starts of job {job} made no new checkpoint (each resumed "
+        f"from step {later}): {said}. Stopping instead of requeueing again "
+        f"(--max-stalled-starts {budget}). Fix the cause, then resubmit: a new job counts anew."
+    )
+
+
+def _failure(ends: list[dict[str, Any]]) -> str:
+    """How a failed start ended, from its events."""
+    for event in ends:
+        if event["event"] == "hang":
+            return f"a hang ({event.get('stopped')})"
+    for event in ends:
+        if event.get("reason") == "error":
+            return f"an error ({event.get('message')})"
+    return "no word (killed: out of memory, a lost node, SIGKILL?)"
 
 
 # ----------------------------------------------------------------------------- the callback
@@ -286,9 +359,11 @@ class CheckpointPolicy(Callback):
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
-        code, _ = self._agree(trainer)
-        if code:  # training is over and saved; a rerun tests again
-            self._stop(trainer, code, save=False)
+        # No collective per evaluation batch: each rank stops on its own signal (Slurm
+        # signals every task). Training is over and saved; a rerun tests again.
+        sig = pending_signal()
+        if sig is not None:
+            self._stop(trainer, SIGNALS[sig], save=False)
 
     # --- actions
 
@@ -305,12 +380,11 @@ class CheckpointPolicy(Callback):
         requeue = code in (TIME_UP, REQUEUE)
         marker = {"step": trainer.global_step, "signal": name, "requeue": requeue, "saved": False}
         if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
-            (self.run_dir / MARKER).write_text(json.dumps(marker) + "\n")
+            write_marker(self.run_dir, **marker)
         if save:
             self.save(trainer)
             if trainer.is_global_zero:  # a stop that dies mid-save must not claim a save
-                marker["saved"] = True
-                (self.run_dir / MARKER).write_text(json.dumps(marker) + "\n")
+                write_marker(self.run_dir, **{**marker, "saved": True})
         what = f"saved {self.run_dir / LAST} at step {trainer.global_step}" if save else "stopped"
         then = "requeue or rerun" if requeue else "rerun (or let Slurm requeue)"
         # An exception, not trainer.should_stop: stopping would still run the epoch-end

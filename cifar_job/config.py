@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,25 @@ class TrainConfig:
         resume=FREE,
     )
 
+    # --- failures nobody announces (watchdog.py)
+    hang_timeout: float = _opt(
+        0.0,
+        "Seconds without progress after which a rank counts as hung; the start then ends so "
+        "that the job requeues (0: learned, 10x the slowest recent step, at least 30 s).",
+        resume=FREE,
+    )
+    exclude_hung_node: bool = _opt(
+        False, "When a rank hangs under Slurm, requeue the job away from its node.", resume=FREE
+    )
+    # 3: one failed start is bad luck and two may be, but a third in a row that saves nothing
+    # new is a pattern; each costs the whole allocation's start-up and the time to detect it.
+    max_stalled_starts: int = _opt(
+        3,
+        "Starts in a row of one Slurm job that may end without a new checkpoint (a hang, a "
+        "crash) before the job stops instead of requeueing (0: no limit).",
+        resume=FREE,
+    )
+
     # --- logging
     tensorboard: bool = _opt(
         False, "Also write TensorBoard logs to <run-dir>/tensorboard.", resume=FREE
@@ -164,12 +185,17 @@ class TrainConfig:
                 )
         positive = ("batch_size", "max_epochs", "num_nodes", "log_every_n_steps", "synthetic_size")
         non_negative = ("lr", "weight_decay", "momentum", "val_size", "num_workers")
-        non_negative += ("warmup_epochs", "cutout", "checkpoint_every")
+        non_negative += ("warmup_epochs", "cutout", "checkpoint_every", "hang_timeout")
+        non_negative += ("max_stalled_starts",)
         bounds = ((positive, 1, "be 1 or more"), (non_negative, 0, "not be negative"))
         for names, low, rule in bounds:
             for name in names:
                 if getattr(self, name) < low:
                     raise OptionError(f"--{dashed(name)} must {rule}, got {getattr(self, name)}")
+        if 0 < self.hang_timeout < 10:  # the watchdog's heartbeats come every 2 s
+            raise OptionError(
+                f"--hang-timeout must be 0 (learned) or 10 or more, got {self.hang_timeout}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise OptionError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         parse_devices(self.devices)
@@ -267,11 +293,23 @@ def read_json(path: Path, what: str) -> Any:
         ) from None
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
     """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace path's content at once. The temporary name is unique to this host, process
+    and thread: every rank of every node writes into the same shared run directory, and two
+    nodes' processes may have the same pid."""
+    tmp = path.with_name(
+        f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
+    )
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resume_clashes(old: dict[str, Any], new: TrainConfig) -> list[str]:

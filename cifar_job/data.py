@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import tarfile
@@ -350,15 +351,30 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i < 0:  # ShardSampler's padding: a blank image that no figure counts
+            return torch.zeros_like(self.images[0]), torch.tensor(PAD_LABEL)
         return self.images[i], self.labels[i]
+
+
+# The index and label of padding in evaluation shards.
+PAD = PAD_LABEL = -1
+
+
+def eval_shard_size(n: int, world: int) -> int:
+    """Indices per rank in evaluation: every rank the same count, padding included."""
+    return -(-n // world)
 
 
 class ShardSampler(Sampler[int]):
     """This rank's share of the data: a seeded permutation per epoch, split across ranks.
 
-    Every rank gets the same number of indices (the remainder is dropped while shuffling, so
-    no rank waits for another), and the shards of one epoch are disjoint: rank r takes every
-    world-th index of the permutation, so a global batch is a run of consecutive ones.
+    Every rank gets the same number of indices, so every rank runs the same number of
+    batches and no rank waits in a collective for another that has one batch more (that
+    deadlocked evaluation: 10,000 test images on 32 ranks are shards of 313 and 312). While
+    shuffling, the remainder is dropped; in evaluation, where every image must count once,
+    the shorter shards end with PAD indices, which the loaders turn into label PAD_LABEL and
+    the metrics skip. The shards of one epoch are disjoint: rank r takes every world-th
+    index of the permutation, so a global batch is a run of consecutive ones.
     `skip` drops that many samples from the front of the next pass's permutation before it
     is split, which is how a run resumed mid-epoch, on any number of ranks, continues with
     exactly the samples it had not yet seen.
@@ -372,8 +388,10 @@ class ShardSampler(Sampler[int]):
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        if not self.shuffle:  # evaluation: every image once, shards may differ by one
-            return torch.arange(self.rank, self.n, self.world)
+        if not self.shuffle:  # evaluation: every image once, shards padded to one length
+            shard = torch.arange(self.n)[self.rank :: self.world]
+            pad = eval_shard_size(self.n, self.world) - len(shard)
+            return torch.cat([shard, torch.full((pad,), PAD, dtype=shard.dtype)])
         order = torch.randperm(
             self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)
         )
@@ -391,7 +409,13 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         # The whole epoch, skipped part included: Lightning counts a resumed epoch's batches
         # from where it stopped, so the epoch still ends after len() batches in all.
-        return self.n // self.world if self.shuffle else len(range(self.rank, self.n, self.world))
+        return self.n // self.world if self.shuffle else eval_shard_size(self.n, self.world)
+
+
+def forget_signal_pipe(worker_id: int) -> None:
+    """A forked worker inherits the pipe on which the training process learns of its
+    signals (signal.set_wakeup_fd): the worker's own signals must not land there."""
+    signal.set_wakeup_fd(-1)
 
 
 class TensorLoader:
@@ -419,10 +443,17 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.sampler.epoch_indices().to(self.images.device)
+        order = self.sampler.epoch_indices()
+        padded_from = len(order) - int((order == PAD).sum())  # padding comes last in a shard
+        order = order.to(self.images.device)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, stop, self.batch_size):
             batch = order[start : start + self.batch_size]
+            if start + len(batch) > padded_from:
+                images = self.images.index_select(0, batch.clamp(min=0))
+                labels = self.labels.index_select(0, batch.clamp(min=0))
+                yield images, labels.masked_fill(batch == PAD, PAD_LABEL)
+                continue
             # index_select: a plain row copy, ~15x faster on CPU than advanced indexing.
             yield self.images.index_select(0, batch), self.labels.index_select(0, batch)
 
@@ -502,6 +533,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
+            worker_init_fn=forget_signal_pipe,
             pin_memory=torch.cuda.is_available(),
         )
 

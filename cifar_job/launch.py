@@ -126,6 +126,8 @@ def batch_lines(slurm: SlurmOptions, run_dirs: list[str]) -> tuple[list[str], li
             'export RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}" '
             f"MAX_REQUEUES={slurm.max_requeues}",
         ]
+    if slurm.container_image:  # the tasks check that they run in it (trainer.check_container)
+        where.append(f"export CIFAR_JOB_CONTAINER={shlex.quote(slurm.container_image)}")
     setup = [*where, f"source {shlex.quote(str(REQUEUE_SCRIPT))}", "cifar_job_before_step"]
     return setup, ["cifar_job_after_step $?", 'exit "$?"']
 

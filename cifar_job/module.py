@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_job.config import TrainConfig
@@ -37,6 +38,8 @@ class CifarClassifier(L.LightningModule):
             # (torchmetrics' default is the mean of the per-class accuracies).
             {stage: MulticlassAccuracy(NUM_CLASSES, average="micro") for stage in ("val", "test")}
         )
+        # The mean loss over every image of the split, however it was sharded and padded.
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         # Training's epoch sums on the device: loss x images, images right, images; and the
         # steps summed. Out of the state dict, but in mid-epoch checkpoints (see
         # on_save_checkpoint), so a resumed epoch's figures still cover the whole epoch.
@@ -100,17 +103,31 @@ class CifarClassifier(L.LightningModule):
             checkpoint["train_sums"] = {"sums": self.train_sums.tolist(), "steps": self.epoch_steps}
 
     def evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        """Loss and metrics of one val or test batch, logged per epoch over all ranks."""
+        """Loss and metrics of one val or test batch, logged per epoch over all ranks.
+
+        Labels below 0 are padding (ShardSampler): every rank runs the same number of
+        batches, and the padding counts in no figure. The metrics sum over the whole split
+        when they are computed at the epoch's end: no collective runs per batch.
+        """
         images, labels = batch
         logits = self(images)
-        loss = self.criterion(logits, labels)
-        accuracy = self.acc[stage]
-        accuracy.update(logits, labels)
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/acc", accuracy, on_epoch=True, prog_bar=True)
+        real = labels >= 0
+        padded = not bool(real.all())
+        if padded:
+            logits, labels = logits[real], labels[real]
+        if not padded or len(labels):  # a batch of padding alone updates nothing
+            losses = nn.functional.cross_entropy(
+                logits, labels, reduction="none", label_smoothing=self.cfg.label_smoothing
+            )
+            self.eval_loss[stage].update(losses)
+            self.acc[stage].update(logits, labels)
+            if stage == "test":
+                self.test_top5.update(logits, labels)
+                self.test_confusion.update(logits, labels)
+        # Logged on every rank and batch all the same: each rank must take part in the sync.
+        self.log(f"{stage}/loss", self.eval_loss[stage], on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", self.acc[stage], on_epoch=True, prog_bar=True)
         if stage == "test":
-            self.test_top5.update(logits, labels)
-            self.test_confusion.update(logits, labels)
             self.log("test/acc_top5", self.test_top5, on_epoch=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

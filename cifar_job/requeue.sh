@@ -15,6 +15,10 @@
 #   the tasks are signalled; had this script exited then, Slurm would have recorded the job
 #   as FAILED (or COMPLETED, for status 0) and never requeued it.
 #
+#   a hang (a rank stopped making progress, cifar_job/watchdog.py): the ranks' watchdogs end
+#   the step with a marker that asks for a requeue (and, with --exclude-hung-node, names the
+#   node to leave out) -> `scontrol requeue` here, as at a time limit.
+#
 # Settings (environment): RUN_DIR, the run directory (required); MAX_REQUEUES (default 10).
 # Each requeue this script asks for is a line in RUN_DIR/requeues.log; Slurm's own requeues
 # (preemption) do not use up MAX_REQUEUES.
@@ -65,7 +69,7 @@ cifar_job_slurm_is_ending_job() {
 
 # cifar_job_after_step RC: what the job does once the training step ended with status RC.
 cifar_job_after_step() {
-  local rc=$1 marker="${RUN_DIR}/preempted.json" kind=none requeues
+  local rc=$1 marker="${RUN_DIR}/preempted.json" kind=none requeues exclude
   trap - USR1
   if [ -e "$marker" ]; then
     if grep -q '"requeue": true' "$marker"; then kind=requeue; else kind=stop; fi
@@ -99,8 +103,29 @@ cifar_job_after_step() {
   fi
   echo "job ${SLURM_JOB_ID} $(date +%FT%T) restart $((${SLURM_RESTART_COUNT:-0} + 1))" >>"${RUN_DIR}/requeues.log"
   echo "cifar-job: requeueing job ${SLURM_JOB_ID} (requeue $((${requeues:-0} + 1)) of at most ${MAX_REQUEUES:-10})"
-  scontrol requeue "${SLURM_JOB_ID}"
+  exclude=$(sed -n 's/.*"exclude": "\([^"]*\)".*/\1/p' "$marker" 2>/dev/null) || true
+  if [ -n "$exclude" ]; then
+    cifar_job_requeue_excluding "$exclude"
+  else
+    scontrol requeue "${SLURM_JOB_ID}"
+  fi
   return 0 # the requeue ends this script; exit cleanly if it has not yet
+}
+
+# cifar_job_requeue_excluding NODES: requeue this job away from NODES (a hung rank's node,
+# with --exclude-hung-node). Slurm changes the excluded nodes of pending jobs only: hold the
+# job as it is requeued, add them, release it. The requeue sends SIGTERM to this script and
+# its commands, and the two scontrol calls after it must still run: SIGTERM is ignored from
+# here on (Slurm's SIGKILL, after KillWait, still ends the script).
+cifar_job_requeue_excluding() {
+  local nodes=$1 old
+  old=$(scontrol show job -o "${SLURM_JOB_ID}" | sed -n 's/.* ExcNodeList=\([^ ]*\).*/\1/p') || true
+  if [ "$old" = "(null)" ]; then old=""; fi
+  echo "cifar-job: excluding node(s) ${nodes} from job ${SLURM_JOB_ID} (a rank hung there)"
+  trap '' TERM
+  scontrol requeuehold "${SLURM_JOB_ID}"
+  scontrol update JobId="${SLURM_JOB_ID}" ExcNodeList="${old:+${old},}${nodes}"
+  scontrol release "${SLURM_JOB_ID}"
 }
 
 # run_requeueable CMD...: run CMD (an srun line) in the background, pass a USR1 from Slurm on

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 
-from cifar_job import CifarJobError, OptionError, __version__, checkpoints
+from cifar_job import CifarJobError, OptionError, Preempted, __version__, checkpoints, events
 from cifar_job.config import (
     TrainConfig,
     max_time_seconds,
@@ -22,7 +23,14 @@ from cifar_job.config import (
 )
 from cifar_job.data import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
-from cifar_job.trainer import build_trainer, end_process_group, job_id
+from cifar_job.trainer import (
+    build_trainer,
+    check_container,
+    end_process_group,
+    job_id,
+    running_image,
+)
+from cifar_job.watchdog import Watchdog, node_name
 
 RESULTS = "results.json"
 
@@ -33,17 +41,30 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     Returns the test results on global rank 0, None on the other ranks.
     """
     cfg.validate()
+    check_container()  # a job meant for a container never trains on the host
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
     run_dir = prepare_run_dir(cfg)
     if (finished := finished_results(run_dir, cfg)) is not None:
         return finished
+    # From here on, a rank that stops making progress ends the start (watchdog.py).
+    watchdog = Watchdog(run_dir, cfg.hang_timeout, cfg.exclude_hung_node)
+    watchdog.start()
     try:
-        return fit_and_test(cfg, run_dir)
+        results = fit_and_test(cfg, run_dir, watchdog)
+    except Preempted as e:
+        record_end(run_dir, "stopped", str(e))
+        raise
+    except Exception as e:
+        record_end(run_dir, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
     finally:
+        watchdog.stop()
         end_process_group()
+    record_end(run_dir, "finished")
+    return results
 
 
-def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+def fit_and_test(cfg: TrainConfig, run_dir: Path, watchdog: Watchdog) -> dict[str, Any] | None:
     """Build, fit (resuming), test the best checkpoint and write the results."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
@@ -53,9 +74,13 @@ def fit_and_test(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     # On a stop signal fit saves and raises Preempted; it also saves every cfg.checkpoint_every.
     max_time_s = max_time_seconds(cfg.max_time) if cfg.max_time else None
     policy = checkpoints.CheckpointPolicy(run_dir, cfg.checkpoint_every, resume_from, max_time_s)
-    trainer = build_trainer(cfg, run_dir, callbacks=[policy])
+    # The watchdog first: a step's progress is noted before a stop's save begins.
+    trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy])
     if trainer.is_global_zero:
+        # Before this start counts: a job that keeps failing without a new checkpoint stops.
+        checkpoints.check_progress(run_dir, job_id(), resume_step, cfg.max_stalled_starts)
         record_start(run_dir, cfg, resume_from, resume_step)
+        events.record(run_dir, "start", job=job_id(), step=resume_step, node=node_name())
         checkpoints.clear_leftovers(run_dir)
         nodes, devices = trainer.num_nodes, trainer.num_devices
         kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
@@ -99,7 +124,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         raise CifarJobError(f"--run-dir {run_dir} is a file; give a directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        probe = run_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -130,6 +155,12 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return {**results, "already_finished": True}
 
 
+def record_end(run_dir: Path, reason: str, message: str | None = None) -> None:
+    """Note in the event log how this start ended (rank 0), for the next start's budget."""
+    if rank_zero_only.rank == 0:
+        events.record(run_dir, "end", job=job_id(), reason=reason, message=message)
+
+
 def _manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "manifest.json"
     if path.exists():
@@ -141,8 +172,8 @@ def record_start(
     run_dir: Path, cfg: TrainConfig, resume_from: str | None, step: int | None
 ) -> None:
     """Append this start (time, job id, host, Python, checkpoint and step resumed from, and the
-    settings it ran with) to manifest.json. The Python tells a start in the container image
-    (/opt/venv/bin/python) from one on the host."""
+    settings it ran with) to manifest.json. The image (its version and revision; None on the
+    host) and the Python tell a start in the container from one on the host."""
     manifest = _manifest(run_dir)
     manifest["starts"].append(
         {
@@ -150,6 +181,7 @@ def record_start(
             "job_id": job_id(),
             "host": socket.gethostname(),
             "python": sys.executable,
+            "image": running_image(),
             "resumed_from": resume_from,
             "step": step,
             "config": cfg.to_dict(),

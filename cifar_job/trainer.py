@@ -6,9 +6,11 @@ clusters. How a run stops, saves and resumes is checkpoints.py's alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -149,6 +151,38 @@ def in_srun_step() -> bool:
     """Whether this process is a task of an srun step (not the batch script itself)."""
     step = os.environ.get("SLURM_STEP_ID", "")
     return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and step.isdigit()
+
+
+# The image (docker/Dockerfile) writes its version and revision here; nothing else does.
+IMAGE_MARKER = Path("/etc/cifar-job/image.json")
+# Set by the container templates and `submit --container-image` to the image the tasks were
+# meant to run in.
+CONTAINER_VAR = "CIFAR_JOB_CONTAINER"
+
+
+def running_image() -> dict[str, Any] | None:
+    """The cifar-job image this process runs in (its version and revision), or None."""
+    try:
+        return json.loads(IMAGE_MARKER.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_container() -> None:
+    """Refuse to train on the host when the job asked for a container.
+
+    pyxis loaded as `optional` (and other runtimes' fallbacks) runs the task on the host when
+    the container cannot start: the run would go on with the host's Python and packages, and
+    nothing would say so.
+    """
+    wanted = os.environ.get(CONTAINER_VAR)
+    if wanted and running_image() is None:
+        raise CifarJobError(
+            f"this task was to run in the container {wanted}, but it runs on the host "
+            f"{socket.gethostname()} ({sys.executable}): the container did not start. "
+            "See the container runtime's error above in the job log (pyxis: 'container was "
+            "not started successfully'); nothing was trained."
+        )
 
 
 def tasks_per_node() -> int:

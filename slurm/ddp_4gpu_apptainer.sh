@@ -29,6 +29,8 @@ CIFAR_JOB_HOME=${CIFAR_JOB_HOME:-${SLURM_SUBMIT_DIR}}      # the checkout holdin
 
 source "${CIFAR_JOB_HOME}/slurm/requeue.sh" || {
   echo "cifar-job: no slurm/requeue.sh in ${CIFAR_JOB_HOME}; set CIFAR_JOB_HOME" >&2; exit 1; }
+# The tasks check that they run in the image, never on the host (cifar-job stops otherwise).
+export CIFAR_JOB_CONTAINER="${SIF}"
 # The submit, data and run directories are bound each at its own path, so relative and
 # absolute DATA_DIR and RUN_DIR mean the same inside and out.
 binds=$(cifar_job_host_dirs | paste -sd, -)

@@ -30,6 +30,8 @@ CIFAR_JOB_HOME=${CIFAR_JOB_HOME:-${SLURM_SUBMIT_DIR}}      # the checkout holdin
 
 source "${CIFAR_JOB_HOME}/slurm/requeue.sh" || {
   echo "cifar-job: no slurm/requeue.sh in ${CIFAR_JOB_HOME}; set CIFAR_JOB_HOME" >&2; exit 1; }
+# The tasks check that they run in the image, never on the host (cifar-job stops otherwise).
+export CIFAR_JOB_CONTAINER="${IMAGE}"
 # The submit, data and run directories are mounted each at its own path, so relative and
 # absolute DATA_DIR and RUN_DIR mean the same inside and out.
 mounts=$(cifar_job_host_dirs | sed 's/.*/&:&/' | paste -sd, -)

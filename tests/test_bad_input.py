@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import cifar_job
+from conftest import SMOKE, cifar_job
 
 from cifar_job.cli import main
 from cifar_job.config import TrainConfig
@@ -413,3 +413,15 @@ def test_status_of_a_run_with_a_truncated_last_checkpoint_reports_the_older_one(
     assert "step 40, epoch 1 (in best-epoch001.ckpt)" in result.output
     assert "warning: skipping unreadable checkpoint" in result.output
     assert "last.ckpt" in result.output
+
+
+def test_a_job_meant_for_a_container_never_trains_on_the_host(tmp_path):
+    """pyxis loaded as `optional` runs the task on the host when the container cannot start;
+    the templates and `submit --container-image` name the image, and the task refuses."""
+    run_dir = tmp_path / "run"
+    env = {"CIFAR_JOB_CONTAINER": "dockerd://cifar-job:test"}
+    result = cifar_job("train", *SMOKE, "--run-dir", str(run_dir), env=env)
+    assert result.returncode == 1, result.stderr
+    assert "was to run in the container dockerd://cifar-job:test" in result.stderr
+    assert "runs on the host" in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()  # nothing trained, nothing written

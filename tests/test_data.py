@@ -14,11 +14,14 @@ from cifar_job.config import TrainConfig
 from cifar_job.data import (
     FOLDER,
     MEAN,
+    PAD,
+    PAD_LABEL,
     STD,
     TEST_BATCHES,
     TRAIN_BATCHES,
     CIFAR10DataModule,
     ShardSampler,
+    TensorLoader,
     augment,
     load_split,
     make_synthetic,
@@ -76,7 +79,30 @@ def test_training_shards_are_disjoint_equal_and_reshuffled_per_epoch():
 
 def test_eval_shards_cover_every_image_once():
     shards = [list(ShardSampler(11, rank, 3, shuffle=False, seed=0)) for rank in range(3)]
-    assert sorted(sum(shards, [])) == list(range(11))
+    assert sorted(i for i in sum(shards, []) if i != PAD) == list(range(11))
+
+
+@pytest.mark.parametrize(
+    ("world", "batch", "n"),
+    [(32, 256, 10_000), (2, 100, 101), (3, 3, 11), (4, 8, 3), (8, 64, 5_000), (7, 7, 1)]
+    + [(w, b * w, n) for w in (2, 5, 16) for b in (1, 3, 8) for n in (1, 17, 99, 1000)],
+)
+def test_every_rank_runs_as_many_eval_batches_and_each_image_counts_once(world, batch, n):
+    """Uneven shards were uneven batch counts, and a collective per batch then deadlocked."""
+    labels = torch.arange(n)  # an image's label is its index here
+    images = torch.zeros(n, 1, dtype=torch.uint8)
+    counts, seen = set(), []
+    for rank in range(world):
+        sampler = ShardSampler(n, rank, world, shuffle=False, seed=0)
+        loader = TensorLoader(images, labels, sampler, batch // world, drop_last=False)
+        batches = list(loader)
+        counts.add(len(batches))
+        assert len(batches) == len(loader)
+        for x, y in batches:
+            assert len(x) == len(y)
+            seen += y[y != PAD_LABEL].tolist()
+    assert len(counts) == 1  # the same number of batches on every rank
+    assert sorted(seen) == list(range(n))  # every image once; padding counts nowhere
 
 
 def test_resumed_sampler_continues_with_the_unseen_indices():

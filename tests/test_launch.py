@@ -66,6 +66,8 @@ def test_submit_dry_run_with_a_container_image_uses_pyxis(tmp_path, monkeypatch)
     assert f"--container-mounts={tmp_path}:{tmp_path} " in srun  # ./data and ./runs inside
     assert f"--container-workdir={tmp_path} " in srun
     assert " python3 -u -m submitit.core._submit" in srun  # the image's Python
+    # The tasks refuse to train on the host if the container does not start.
+    assert "\nexport CIFAR_JOB_CONTAINER=cifar-job:1\n" in result.output
 
 
 def test_container_mounts_the_data_and_run_directories_wherever_they_are(tmp_path, monkeypatch):

@@ -67,7 +67,9 @@ def assert_trained_in_the_container_to_the_end(run_dir: Path, log: str) -> None:
     saved = saved_steps(log)
     assert len(saved) == 1 and resumed_steps(run_dir) == [None, *saved], log[-3000:]
     assert ckpt_step(run_dir) == TOTAL
-    assert all(s["python"].startswith(VENV_PYTHON) for s in manifest_starts(run_dir))
+    starts = manifest_starts(run_dir)
+    assert all(s["python"].startswith(VENV_PYTHON) for s in starts)
+    assert all(s["image"] == {"version": "test", "revision": "abc123"} for s in starts)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["global_step"] == TOTAL and 0 <= results["test/acc"] <= 1
     assert log.count("Slurm is ending job") == 1 and "after the run saved" in log
@@ -109,6 +111,20 @@ def test_submit_with_a_container_image_on_two_nodes_resumes_inside_it(pyxis, dat
     assert text.count("2 process(es) on 2 node(s)") == 2  # both starts, on both nodes
     info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
     assert info["state"] == "finished" and info["restarts"] == 1
+
+
+def test_a_container_that_cannot_start_fails_the_job_without_training_on_the_host(pyxis, tmp_path):
+    """pyxis is loaded as `required`, as on sites: the step fails with pyxis's message, and
+    nothing runs outside the image (with `optional`, srun ran the job on the host)."""
+    run_dir = tmp_path / "run"
+    template = str(REPO / "slurm/ddp_4gpu_pyxis.sh")
+    env = {"IMAGE": f"{URI}-no-such-tag", "RUN_DIR": str(run_dir), "DATA_DIR": str(tmp_path)}
+    job = sbatch(*ONE_NODE_TWO_TASKS, template, *SMOKE, cwd=tmp_path, **env)
+    assert wait_done(job, timeout=120) == "FAILED"
+    log = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
+    assert "pyxis" in log and "container" in log, log[-3000:]
+    assert "Requeue" not in log and "requeueing" not in log
+    assert not (run_dir / "manifest.json").exists() and not list(run_dir.glob("*.ckpt"))
 
 
 def test_image_path_workdir_and_user_under_enroot(pyxis, tmp_path):

@@ -305,3 +305,23 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     out = cifar_job("predict", "--ckpt", str(tmp_path / "evil.ckpt"), "a.png")
     assert out.returncode == 1
     assert "pwned" not in out.stdout
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_whose_shards_differ_by_a_batch_finishes_and_counts_each_image_once(
+    tmp_path,
+):
+    """101 test images at global batch 100 on 2 ranks: shards of 51 and 50, which were 2 and
+    1 batches, and a collective per test batch then hung for gloo's 30 minutes."""
+    run_dir = tmp_path / "run"
+    args = [*("--dataset", "synthetic", "--synthetic-size", "505", "--val-size", "105")]
+    args += [*FAST, "--batch-size", "100", "--max-epochs", "1", "--run-dir", str(run_dir)]
+    ddp = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    trained = cifar_job("train", *args, *ddp, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert sum(map(sum, results["test/confusion"])) == 101  # every image once, no padding
+    # One process scores the same weights on the same 101 images: the same figures.
+    alone = json.loads(cifar_job("test", "--ckpt", results["best_checkpoint"], "--json").stdout)
+    assert alone["test/acc"] == pytest.approx(results["test/acc"], abs=1e-9)
+    assert alone["test/loss"] == pytest.approx(results["test/loss"], rel=1e-5)

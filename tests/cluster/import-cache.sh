@@ -6,11 +6,12 @@
 # again, and its file replaces the one of the image the name had before. One lock serialises
 # imports: steps on several nodes of one host (or of one shared disk) would otherwise import
 # the same image side by side and trip over each other's files.
-# pyxis runs this with a cleared environment: set PATH here.
+# pyxis runs this with a cleared environment (slurmstepd's PATH at most): the system's
+# directories follow whatever PATH it has.
 set -euo pipefail
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH=${PATH:+$PATH:}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-cache=$(dirname "$(readlink -f "$0")")/images
+cache=${IMPORT_CACHE_DIR:-$(dirname "$(readlink -f "$0")")/images}
 case "${1:-}" in
   get)
     uri=${2:?usage: import-cache get URI}
@@ -26,14 +27,18 @@ case "${1:-}" in
     if [ ! -s "$file" ]; then
       echo "import-cache: importing $uri once into $file" >&2
       rm -f "$file.part"
+      trap 'rm -f "$file.part"' EXIT # an import that fails leaves no half-written GBs
       enroot import --output "$file.part" "$uri" >&2
       # The files of earlier images with this name go (GBs each); a step still running from
-      # one keeps its open file until it ends.
-      grep -lxF "$uri" "$cache"/*.uri 2>/dev/null | while read -r old; do
+      # one keeps its open file until it ends. A loop, not grep over a glob: with no earlier
+      # image (an empty cache) the glob matches nothing, and grep's status would end the
+      # script under `set -e` after the import.
+      for old in "$cache"/*.uri; do
+        [ -f "$old" ] && [ "$(cat "$old")" = "$uri" ] || continue
         rm -f "${old%.uri}" "$old"
       done
       mv "$file.part" "$file"
-      echo "$uri" > "$file.uri"
+      echo "$uri" >"$file.uri"
     fi
     echo "$file"
     ;;

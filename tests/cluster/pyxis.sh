@@ -8,7 +8,8 @@
 # left as it is. Needs root, Debian or Ubuntu, and the kernel's user
 # namespaces, overlay, squashfs and FUSE.
 #
-# pyxis settings, for a cluster whose nodes share one disk (here: two slurmd on one host):
+# pyxis is loaded as `required`, as on sites: a container that cannot start fails the step.
+# Settings, for a cluster whose nodes share one disk (here: two slurmd on one host):
 #   use_squashfuse=1        start each step straight from a squashfs file, no unpacking
 #   importer=import-cache   import each Docker image once (by image ID, under a lock) into
 #                           $STATE/cache and hand every later step that file (~0.5 s a step)
@@ -118,7 +119,9 @@ WRAPPER
 chmod 0755 $PREFIX/bin/squashfuse
 
 install -m 0755 "$REPO/tests/cluster/import-cache.sh" "$STATE/import-cache"
-conf="optional $PLUGIN runtime_path=$STATE/pyxis use_squashfuse=1 importer=$STATE/import-cache"
+# required, as sites load it: a step whose container cannot start fails. With optional, srun
+# logs an error and runs the command on the host instead.
+conf="required $PLUGIN runtime_path=$STATE/pyxis use_squashfuse=1 importer=$STATE/import-cache"
 if [ "$(cat "$PLUGSTACK" 2>/dev/null)" != "$conf" ]; then
   mkdir -p "$(dirname "$PLUGSTACK")"
   echo "$conf" > "$PLUGSTACK"

@@ -1,0 +1,42 @@
+"""The run's event log: <run_dir>/events.jsonl, one JSON object a line, appended and flushed
+as things happen (a start, its end and why, a hang). Append-only, so a kill at any moment
+loses at most the line being written; readers skip a damaged line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+EVENTS = "events.jsonl"
+
+
+def record(run_dir: Path, event: str, **fields: Any) -> None:
+    """Append one event; never raises for a filesystem that cannot take it."""
+    line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n"
+    try:
+        with open(run_dir / EVENTS, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def read(run_dir: Path) -> list[dict[str, Any]]:
+    """Every whole event, oldest first."""
+    try:
+        lines = (run_dir / EVENTS).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # the line a kill cut short
+        if isinstance(event, dict) and "event" in event:
+            events.append(event)
+    return events

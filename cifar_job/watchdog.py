@@ -1,0 +1,381 @@
+"""The hang monitor: a thread in every rank that notices when the rank stops making progress.
+
+A Python signal handler runs only between bytecodes of the main thread, and a collective
+(gloo, NCCL) waits for every rank: one rank that stops (SIGSTOP, a stalled filesystem, a
+hung GPU, a peer that died unnoticed) holds every node of the job, silently, until the
+backend's timeout (gloo 30 min, NCCL 10 min). This thread does not depend on the main one:
+
+- **Heartbeats.** The main thread notes each finished training step, evaluation batch and
+  save: a clock reading and a step, no I/O (a few microseconds). Every few seconds the
+  thread writes this rank's heartbeat (node, pid, step, section, seconds since progress) to
+  <run_dir>/heartbeats/rank-N.json.
+- **Learned timeouts,** per section: start-up (to the first step), training steps,
+  evaluation batches and saves. In steps and evaluation the timeout is HANG_FACTOR times
+  the slowest of the recent intervals, with a floor per section; --hang-timeout replaces
+  them all.
+- **On a hang** it names the rank that stopped from the heartbeats (a stopped or lost
+  process writes none; a stuck one, an old step), in one line of the job log and in
+  hang.json, records the decision (requeue) in the run directory's marker, and ends the
+  process with HANG_EXIT. srun --kill-on-bad-exit ends the other ranks, the batch script
+  requeues the job, and it resumes from the newest checkpoint, which saves never leave
+  half-written.
+- **Stop signals** reach it at once through Python's wakeup fd, also while the main thread
+  is blocked. After a stop signal, a main thread that makes no progress for the stop budget
+  (STOP_FACTOR times the slowest recent interval, at least STOP_FLOOR_S) is stuck and the
+  process exits, as it would after saving but without a save. Outside Slurm a second SIGINT
+  or SIGTERM ends the process at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from cifar_job import checkpoints, events
+from cifar_job.config import write_json
+
+# 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
+# requeues on the marker written with it.
+HANG_EXIT = 124
+HEARTBEATS = "heartbeats"
+HANG_RECORD = "hang.json"
+# A rank is hung after this many times its slowest recent interval without progress.
+HANG_FACTOR = 10
+# Floors, in seconds. Start-up covers imports from a cold shared filesystem, the rendezvous
+# of every rank and the data read into memory, and a first --compile step (minutes); a
+# save writes up to GBs to a shared filesystem. Steps and evaluation batches take well under
+# a second on a GPU and seconds on a CPU: 30 s is 10x a 3 s step.
+FLOORS = {"setup": 600.0, "step": 30.0, "eval": 60.0, "checkpoint": 300.0}
+# After a stop signal: the next step ends within about one step's time, so 3x the slowest
+# recent one, and at least 10 s, is stuck (Slurm's GraceTime or KillWait ends it otherwise).
+STOP_FACTOR, STOP_FLOOR_S = 3, 10.0
+RECENT = 50  # intervals remembered per section
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+# A fault to inject, for fire drills and tests: KIND:STEP[:RANK[:START]], KIND being stop
+# (the rank stops itself with SIGSTOP, as a stalled node would) or hang (its main thread
+# sleeps for ever, as in a stuck collective), after step STEP, on rank RANK (default 0), in
+# the START-th start of the job (Slurm's restart count + 1; default every start).
+FAULT_VAR = "CIFAR_JOB_FAULT"
+
+
+def start_id() -> str:
+    """What this start's ranks share, and earlier starts' heartbeats lack: Slurm's job and
+    restart count, or a name the first process of a local run passes on to the ranks that
+    Lightning launches (they inherit its environment)."""
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}"
+    return os.environ.setdefault("CIFAR_JOB_START", f"{socket.gethostname()}.{os.getpid()}")
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (what --exclude takes), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class Watchdog(Callback):
+    """The main thread's progress, as Lightning hooks report it, and the thread that
+    watches it. start() before anything slow; stop() when the run ends."""
+
+    def __init__(self, run_dir: Path, hang_timeout_s: float = 0.0, exclude_node: bool = False):
+        self.run_dir, self.fixed_timeout, self.exclude_node = run_dir, hang_timeout_s, exclude_node
+        env = os.environ
+        self.rank = int(env.get("RANK") or env.get("SLURM_PROCID") or env.get("LOCAL_RANK") or 0)
+        self.section, self.step = "setup", 0
+        self.last_progress = time.monotonic()
+        self.recent: dict[str, collections.deque[float]] = {
+            s: collections.deque(maxlen=RECENT) for s in ("step", "eval")
+        }
+        self.stop_signals: list[tuple[float, int]] = []  # (when, signal) as the thread saw them
+        self.poll_s = 2.0
+        self._done = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the thread at once
+        self.fault = parse_fault(os.environ.get(FAULT_VAR, ""))
+        self.start_key = start_id()
+        self._thread = threading.Thread(target=self._watch, name="cifar-job-watchdog", daemon=True)
+
+    # --- the main thread's side: no I/O, no locks
+
+    def progress(self, section: str, step: int | None = None) -> None:
+        """Note progress in `section`; intervals within steps and evaluation are learned."""
+        now = time.monotonic()
+        if section == self.section and section in self.recent:
+            self.recent[section].append(now - self.last_progress)
+        self.section, self.last_progress = section, now
+        if step is not None:
+            self.step = step
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.global_rank != self.rank:  # the launcher's guess before DDP was up
+            self._beat_path().unlink(missing_ok=True)
+            self.rank = trainer.global_rank
+        # Rank 0's write done, a save is a barrier: as quick as a step, unless a rank is gone.
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, checkpoints.AtomicCheckpointIO):
+            io.after_write = lambda: self.progress("saved")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.progress("start", trainer.global_step)  # not "step": start-up is not a step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.progress("step", trainer.global_step)
+        if self.fault and self.fault[1:] == (trainer.global_step, trainer.global_rank, True):
+            inject(self.fault[0], trainer.global_step, trainer.global_rank)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.progress("eval-start")
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.progress("eval")
+
+    on_test_start = on_validation_start
+    on_test_batch_end = on_validation_batch_end
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.progress("setup")  # fit's teardown, then test's set-up and loading the best
+
+    def on_save_checkpoint(self, trainer: L.Trainer, *args: Any) -> None:
+        self.progress("checkpoint")  # every rank dumps its state, rank 0 writes, all wait
+
+    # --- the thread
+
+    def start(self) -> None:
+        """Watch from now on (start-up counts, with its own floor)."""
+        self.last_progress = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching; the heartbeat file goes (a finished rank is not a hung one)."""
+        self._done.set()
+        os.write(self._wake_w, b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.poll_s + 1)
+        self._beat_path().unlink(missing_ok=True)
+
+    def timeout(self, stopping: bool = False) -> float:
+        """Seconds without progress after which this rank counts as hung (or stuck, once a
+        stop signal came) in its current section."""
+        section = {"start": "step", "saved": "step", "eval-start": "eval"}.get(
+            self.section, self.section
+        )
+        recent = self.recent.get(section)
+        slowest = max(recent) if recent else 0.0
+        if stopping and section != "checkpoint":
+            return max(STOP_FLOOR_S, STOP_FACTOR * slowest)
+        if self.fixed_timeout:
+            return self.fixed_timeout
+        if section in ("step", "eval") and not recent and self.section != "saved":
+            # No interval learned yet: the first steps after start-up, or the first batch
+            # of an evaluation, may still be warming up.
+            return FLOORS["setup"] if self.section == "start" else FLOORS[section]
+        return max(FLOORS[section], HANG_FACTOR * slowest)
+
+    def _watch(self) -> None:
+        readers = [self._wake_r]
+        if (signals := checkpoints.wakeup_reader()) is not None:
+            readers.append(signals)
+        self._write_beat(time.monotonic())  # a rank that stops early is still known
+        while not self._done.is_set():
+            ready, _, _ = select.select(readers, [], [], self.poll_s)
+            if signals in ready:
+                self._signals(os.read(signals, 64))
+            if self._done.is_set():
+                return
+            now = time.monotonic()
+            self._write_beat(now)
+            stopping = bool(self.stop_signals) or checkpoints.pending_signal() is not None
+            idle = now - self.last_progress
+            if idle > self.timeout(stopping):
+                if stopping:
+                    self._end_stuck_stop(idle)
+                else:
+                    self._end_hang(idle)
+
+    def _signals(self, data: bytes) -> None:
+        now = time.monotonic()
+        for signum in data:
+            if signum in checkpoints.SIGNALS or signum in STOP_SIGNALS:
+                self.stop_signals.append((now, signum))
+        stops = [s for _, s in self.stop_signals if s in STOP_SIGNALS]
+        if len(stops) >= 2 and "SLURM_JOB_ID" not in os.environ:
+            name = signal.Signals(stops[-1]).name
+            self._exit(128 + stops[-1], f"a second {name}: stopping now, without a save")
+
+    # --- what it writes
+
+    def _beat_path(self) -> Path:
+        return self.run_dir / HEARTBEATS / f"rank-{self.rank:05d}.json"
+
+    def _beat(self, now: float) -> dict[str, Any]:
+        return {
+            "start": self.start_key,
+            "rank": self.rank,
+            "node": node_name(),
+            "pid": os.getpid(),
+            "step": self.step,
+            "section": self.section,
+            "idle_s": round(now - self.last_progress, 1),
+            "timeout_s": round(self.timeout(), 1),
+            "time": time.time(),
+        }
+
+    def _write_beat(self, now: float) -> None:
+        try:
+            self._beat_path().parent.mkdir(exist_ok=True)
+            write_json(self._beat_path(), self._beat(now))
+        except OSError:
+            pass  # a full or stalled filesystem: the idle time tells, not this
+
+    def _end_hang(self, idle: float) -> None:
+        """Name who stopped, record the decision, and end this process."""
+        now = time.monotonic()
+        beats = self._read_beats()
+        me = self._beat(now)
+        beats[self.rank] = me
+        # A rank whose thread stopped writing (stopped, dead, its node lost) is the cause; else
+        # the one that has made no progress the longest.
+        # A live rank's thread writes every poll_s; --hang-timeout's least value, 10 s, leaves
+        # a stopped rank's last heartbeat older than this.
+        stale = [b for b in beats.values() if time.time() - b["time"] > 2.5 * self.poll_s]
+        culprits = stale or [max(beats.values(), key=lambda b: (b["idle_s"], -b["step"]))]
+        named = "; ".join(
+            f"rank {b['rank']} on {b['node']} (pid {b['pid']}), last heard at step {b['step']} "
+            f"in {b['section']}, "
+            + (
+                f"no heartbeat for {time.time() - b['time']:.0f} s"
+                if b in stale
+                else f"no progress for {b['idle_s']:.0f} s"
+            )
+            for b in sorted(culprits, key=lambda b: b["rank"])
+        )
+        record = {
+            "detected_by": me,
+            "stopped": culprits,
+            "ranks": sorted(beats.values(), key=lambda b: b["rank"]),
+        }
+        exclude = sorted({b["node"] for b in culprits}) if self.exclude_node else []
+        # Every healthy rank gets here at about the same time; the lowest one speaks.
+        leader = min(b["rank"] for b in beats.values() if b not in stale)
+        if self.rank != leader:
+            time.sleep(3 * self.poll_s)  # its record first: srun ends the step at the first exit
+            self._exit(HANG_EXIT, None)
+        try:
+            write_json(self.run_dir / HANG_RECORD, record)
+            checkpoints.write_marker(
+                self.run_dir,
+                step=self.step,
+                signal="hang",
+                requeue=True,
+                saved=False,
+                exclude=",".join(exclude) or None,
+            )
+        except OSError:
+            pass
+        who = ", ".join(f"rank {b['rank']} on {b['node']}" for b in culprits)
+        who += f", after step {self.step}"
+        events.record(self.run_dir, "hang", step=self.step, stopped=who, idle_s=round(idle, 1))
+        self._exit(
+            HANG_EXIT,
+            f"hang: {named}; rank {self.rank} on {me['node']} saw no progress for {idle:.0f} s "
+            f"(bound {self.timeout():.0f} s). Ending this start; the newest checkpoint stands "
+            f"({self.run_dir / HANG_RECORD})",
+        )
+
+    def _end_stuck_stop(self, idle: float) -> None:
+        """A stop signal came, and the main thread has not moved since: exit as after a
+        save (the batch script then requeues or leaves it to Slurm), without one."""
+        sig = checkpoints.pending_signal() or self.stop_signals[-1][1]
+        requeue = checkpoints.SIGNALS.get(signal.Signals(sig), checkpoints.STOP)
+        requeue_it = requeue == checkpoints.REQUEUE
+        try:
+            if self.rank == 0:
+                checkpoints.write_marker(
+                    self.run_dir,
+                    step=self.step,
+                    signal=signal.Signals(sig).name,
+                    requeue=requeue_it,
+                    saved=False,
+                )
+        except OSError:
+            pass
+        self._exit(
+            checkpoints.REQUEUE_EXIT if requeue_it else checkpoints.STOP_EXIT,
+            f"{signal.Signals(sig).name}: rank {self.rank} made no progress for {idle:.0f} s "
+            f"after the signal (stuck, e.g. in a collective); exiting without a save, the "
+            "newest checkpoint stands",
+        )
+
+    def _read_beats(self) -> dict[int, dict[str, Any]]:
+        beats = {}
+        for path in (self.run_dir / HEARTBEATS).glob("rank-*.json"):
+            try:
+                beat = json.loads(path.read_text())
+                if beat["start"] == self.start_key:  # not a rank of an earlier start
+                    beats[int(beat["rank"])] = beat
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return beats
+
+    def _exit(self, code: int, message: str | None) -> None:
+        """One line in the job log, the children (DataLoader workers, local DDP ranks) ended,
+        and this process gone at once: its main thread may never return."""
+        if message:
+            print(f"cifar-job: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        kill_children()
+        os._exit(code)
+
+
+def kill_children() -> None:
+    """SIGKILL this process's children (Linux's /proc; elsewhere nothing)."""
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == me:
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def parse_fault(spec: str) -> tuple[str, int, int, bool] | None:
+    """(kind, step, rank, whether this start is the one) from FAULT_VAR's value, or None."""
+    if not spec:
+        return None
+    parts = spec.split(":")
+    try:
+        kind, step = parts[0], int(parts[1])
+        rank = int(parts[2]) if len(parts) > 2 else 0
+        start = int(parts[3]) if len(parts) > 3 else None
+    except (IndexError, ValueError):
+        kind = ""
+    if kind not in ("stop", "hang"):
+        raise ValueError(f"{FAULT_VAR}={spec!r}: use stop:STEP[:RANK[:START]] or hang:STEP[...]")
+    this_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
+    return kind, step, rank, start in (None, this_start)
+
+
+def inject(kind: str, step: int, rank: int) -> None:
+    """Fail as FAULT_VAR asked: stop this process, or never return."""
+    print(f"cifar-job: {FAULT_VAR}: rank {rank} {kind}s after step {step}", flush=True)
+    if kind == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return  # continued: on into the next collective, as a stalled node that came back
+    while True:
+        time.sleep(3600)
