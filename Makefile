@@ -41,7 +41,7 @@ demo: install ## Train, test, predict and plot on synthetic data, offline, on CP
 	  --arch resnet18 --stem imagenet --max-epochs 3 --batch-size 128 --lr 0.05 \
 	  --num-workers 2 --run-dir $(DEMO_DIR)
 	$(CLI) test --ckpt $(DEMO_DIR)/last.ckpt
-	$(PY) -c "from cifar_job.data import CLASSES, make_synthetic; from PIL import Image; \
+	$(PY) -c "from cifar_job.dataset import CLASSES, make_synthetic; from PIL import Image; \
 	  x, y = make_synthetic(1, seed=42, split='test'); \
 	  Image.fromarray(x[0].permute(1, 2, 0).numpy()).save('$(DEMO_DIR)/sample.png'); \
 	  print('sample.png is a', CLASSES[int(y[0])])"
@@ -73,6 +73,7 @@ bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench
 	$(PY) bench/ddp_cpu.py
 	$(PY) bench/checkpoint_cost.py 2>/dev/null
 	$(PY) bench/watchdog_cost.py 2>/dev/null | tail -n 1
+	$(PY) bench/agreement_cost.py 2>/dev/null | grep '^agreement'
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 

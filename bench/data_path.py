@@ -20,16 +20,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from cifar_job.config import TrainConfig
-from cifar_job.data import (
-    FOLDER,
-    MEAN,
-    STD,
-    CIFAR10DataModule,
-    augment,
-    load_split,
-    make_synthetic,
-    normalize,
-)
+from cifar_job.dataset import FOLDER, load_split, make_synthetic
+from cifar_job.loader import MEAN, STD, CIFAR10DataModule, augment, normalize
 
 BATCH = 256
 

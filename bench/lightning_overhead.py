@@ -42,7 +42,7 @@ import torch
 from common import bare_trainer
 
 from cifar_job.config import TrainConfig
-from cifar_job.data import augment, normalize
+from cifar_job.loader import augment, normalize
 from cifar_job.model import build_network
 from cifar_job.module import CifarClassifier, build_optimizer, build_schedule
 from cifar_job.train import build_datamodule

@@ -7,23 +7,29 @@ How a run stops, and how the next start picks up where it stopped:
   (preemption, `scancel`, `scontrol requeue`, `docker stop`, a node going down). The handlers
   only note the signal: saving from inside one would deadlock under DDP, because
   `Trainer.save_checkpoint` ends in a barrier that ranks without the signal never reach.
-- **Agreement.** After every optimizer step the ranks agree, with one tiny all-reduce over a
-  gloo group of their own, on whether any of them was signalled, whether --max-time is up
-  and whether a periodic save is due (rank 0's clock decides both). So they all save the
-  same step, together.
-- **Saves.** `last.ckpt` is written to a temporary file, fsynced and renamed into place: a
-  kill mid-write leaves the previous checkpoint whole. Periodic saves (--checkpoint-every)
-  land mid-epoch with the loader's exact position, which bounds what a stop without warning
-  (SIGKILL, a lost node, an OOM) can lose.
-- **Exit.** Before the save, rank 0 writes the marker `preempted.json` (step, signal, whether
-  to requeue), and marks it saved once the save is whole. Every rank then exits with
-  REQUEUE_EXIT (75) after USR1/USR2, or STOP_EXIT (143, as for a SIGTERM) after SIGTERM:
-  never 0, so no stop looks like a finished run.
-  The batch script (cifar_job/requeue.sh) requeues on 75 and leaves a SIGTERM to Slurm,
-  which requeues a preempted job itself, cancels a cancelled one, and so on.
-- **Resume.** Rank 0 chooses the checkpoint to resume from (the highest step that loads) and
-  every rank loads that one. Checkpoints that exist but none of which loads stop the run,
-  rather than train from scratch over them.
+- **Agreement.** About once a second of training (every K optimizer steps, K chosen by rank
+  0 and carried by the agreement itself, so every rank agrees at the same step) the ranks
+  agree, with one tiny all-reduce over a gloo group of their own, on whether any of them was
+  signalled, whether --max-time is up and whether a periodic save is due (rank 0's clock
+  decides both). So they all save the same step, together.
+- **Saves** go to the run directory's checkpoint store (rundir.py): an immutable file per
+  step (`step-NNNNNNNN.ckpt`, written to a temporary file, fsynced and renamed into place),
+  then the `latest` pointer and the `last.ckpt` link, then retention (the newest
+  --keep-checkpoints files, and the best). A kill mid-write leaves the previous checkpoint
+  whole. Every epoch's end is saved, after the epoch's best is tracked; periodic saves
+  (--checkpoint-every) land mid-epoch with the loader's exact position, which bounds what a
+  stop without warning (SIGKILL, a lost node, an OOM) can lose.
+- **Exit.** Before the save, rank 0 writes the marker `decision.json` (the action for the
+  batch script, the step, the signal), and marks it saved once the save is whole. Every rank
+  then exits with REQUEUE_EXIT (75) after USR1/USR2, or STOP_EXIT (143, as for a SIGTERM)
+  after SIGTERM: never 0, so no stop looks like a finished run. The batch script
+  (cifar_job/requeue.sh) carries out the marker's action: it requeues after a time limit and
+  leaves a SIGTERM to Slurm, which requeues a preempted job itself, cancels a cancelled one,
+  and so on.
+- **Resume.** Rank 0 reads the store's pointer (or, if it is damaged, takes the newest file
+  that loads) and every rank loads that one; the other ranks read no checkpoint to choose.
+  Checkpoints that exist but none of which loads stop the run, rather than train from
+  scratch over them.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from cifar_job import CifarJobError, Preempted, events
 from cifar_job.config import write_json
+from cifar_job.rundir import DECISION, HANG_RECORD, LAST, CheckpointStore
 
 # EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
 REQUEUE_EXIT = 75
@@ -51,12 +58,15 @@ REQUEUE_EXIT = 75
 STOP_EXIT = 128 + signal.SIGTERM
 # Written before the joint save: the batch script acts on it even when srun reports another
 # status (--kill-on-bad-exit may kill a rank that was exiting after the others).
-MARKER = "preempted.json"
-LAST = "last.ckpt"
+MARKER = DECISION
 # Why a run stops. A higher code wins when ranks disagree: a SIGTERM anywhere means Slurm is
 # stopping the whole job. TIME_UP is --max-time running out (rank 0's clock); it ends the
 # start as a time limit does: saved, exit 75, rerun or requeue to continue.
 TIME_UP, REQUEUE, STOP = 1, 2, 3
+# The ranks agree on stops and saves about once a second of training, not on every step, and
+# at least every 100 steps (a collective on every step kept the ranks in lockstep, and its
+# latency grows with the world size).
+AGREE_EVERY_S, AGREE_MAX_STEPS = 1.0, 100
 SIGNALS = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: STOP}
 
 
@@ -179,40 +189,73 @@ def rebase(checkpoint: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return checkpoint
 
 
-def find_resume_checkpoint(run_dir: Path) -> tuple[str | None, int | None]:
-    """The checkpoint in run_dir to resume from and its step, or (None, None) if there is none.
+def find_resume_checkpoint(
+    run_dir: Path, verify: bool = True
+) -> tuple[str | None, int | None, dict[str, Any] | None]:
+    """The checkpoint in run_dir to resume from, its step and its settings (the config it
+    was trained with), or Nones if there is none.
 
-    The highest step that loads wins (last.ckpt on a tie with a best-epoch file): by content,
-    not by modification time, which a shared filesystem may report differently on each node.
-    A corrupt file is skipped with a warning; if none loads, the run stops instead of training
-    from scratch over them.
+    The store's `latest` first, then its step files newest first: the first that loads
+    wins, so a damaged pointer or a newest file cut short costs one file, not the run. A
+    directory of the layout before the store (last.ckpt and best-epochNNN.ckpt files) resumes
+    from the highest step that loads, by content. Skipped files are warned about; if files
+    exist but none loads, the run stops instead of training from scratch over them.
+
+    verify=False (every rank but 0) only says whether there is one: rank 0's choice is the
+    one every rank loads (CheckpointPolicy.setup), so the others read no checkpoint here.
     """
-    found: list[tuple[int, bool, str]] = []
-    paths = sorted(run_dir.glob("*.ckpt"))
-    for path in paths:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if "state_dict" in ckpt and "loops" in ckpt:
-                found.append((int(ckpt.get("global_step", 0)), path.name == LAST, str(path)))
-                continue
-            reason = "not a training checkpoint"
-        except Exception as e:  # a truncated file raises whatever the unpickler hits first
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", stacklevel=2)
-    if not found:
-        if paths:
-            raise CifarJobError(
-                f"{run_dir} holds checkpoints, but none loads ({', '.join(p.name for p in paths)})."
-                " Move them away to train this run from scratch, or use another --run-dir."
-            )
-        return None, None
-    step, _, path = max(found)
-    return path, step
+    store = CheckpointStore(run_dir)
+    candidates = store.candidates()
+    legacy = sorted(p for p in run_dir.glob("*.ckpt") if not p.is_symlink() and p not in candidates)
+    if not verify:
+        first = (candidates or legacy or [None])[0]
+        return (str(first) if first else None), None, None
+    for path in candidates:
+        if (ckpt := _loadable(path)) is not None:
+            return str(path), int(ckpt.get("global_step", 0)), ckpt.get("hyper_parameters")
+    found: list[tuple[int, bool, str, Any]] = []
+    for path in legacy:
+        if (ckpt := _loadable(path)) is not None:
+            step = int(ckpt.get("global_step", 0))
+            found.append((step, path.name == LAST, str(path), ckpt.get("hyper_parameters")))
+    if found:
+        step, _, path, settings = max(found, key=lambda f: f[:2])
+        return path, step, settings
+    if candidates or legacy:
+        names = ", ".join(sorted(p.name for p in [*candidates, *legacy]))
+        raise CifarJobError(
+            f"{run_dir} holds checkpoints, but none loads ({names})."
+            " Move them away to train this run from scratch, or use another --run-dir."
+        )
+    return None, None, None
 
 
-def write_marker(run_dir: Path, **decision: Any) -> None:
-    """Record how this start ends (the step, the signal or "hang", whether to requeue,
-    whether the save is whole, nodes to exclude) for the batch script, atomically."""
+def _loadable(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at path (memory-mapped: its tensors are not read), or None with a
+    warning if it does not load or is no training checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(ckpt, dict) and "state_dict" in ckpt and "loops" in ckpt:
+            return ckpt
+        reason = "not a training checkpoint"
+    except Exception as e:  # a truncated file raises whatever the unpickler hits first
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", stacklevel=3)
+    return None
+
+
+# What the batch script (requeue.sh) does once the step has ended, as Python decided it:
+# the run finished; requeue it (a time limit, a hang); wait for Slurm, which is ending the
+# job (SIGTERM: preemption, scancel, scontrol requeue); or fail without a requeue (an error
+# that another start would meet again).
+ACTIONS = ("finished", "requeue", "wait", "fail")
+
+
+def write_marker(run_dir: Path, action: str, **details: Any) -> None:
+    """Record how this start ends, for the batch script, atomically: the action, and the
+    step, the signal (or "hang"), whether the save is whole, nodes to exclude."""
+    assert action in ACTIONS, action
+    decision = {"action": action, "requeue": action == "requeue", **details}
     write_json(run_dir / MARKER, decision, indent=None)  # one line: the job log quotes it
 
 
@@ -222,7 +265,7 @@ def clear_leftovers(run_dir: Path) -> None:
     MB each). Heartbeats stay: this start's ranks are writing theirs already, and the
     watchdog tells earlier starts' apart."""
     (run_dir / MARKER).unlink(missing_ok=True)
-    (run_dir / "hang.json").unlink(missing_ok=True)
+    (run_dir / HANG_RECORD).unlink(missing_ok=True)
     for tmp in run_dir.glob(".*.ckpt.*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -276,9 +319,15 @@ def _failure(ends: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- the callback
 
 
-class CheckpointPolicy(Callback):
+class CheckpointPolicy(Checkpoint):
     """Stops on a signal after saving, saves periodically, and makes every rank resume from
-    the checkpoint rank 0 chose. One instance per Trainer; see the module docstring."""
+    the checkpoint rank 0 chose. One instance per Trainer; see the module docstring.
+
+    A Checkpoint, so that Lightning calls it after the ModelCheckpoints: at an epoch's end a
+    stop then comes after that epoch's best checkpoint and last.ckpt, and a stop signal that
+    lands during validation tests the checkpoint an uninterrupted run tests. (Lightning 2.6
+    calls the other callbacks' on_train_epoch_end before the checkpoints'.)
+    """
 
     def __init__(
         self,
@@ -286,19 +335,32 @@ class CheckpointPolicy(Callback):
         every_minutes: float,
         resume_from: str | None,
         max_time_s: float | None = None,
+        keep: int = 2,
     ) -> None:
         self.run_dir, self.resume_from = run_dir, resume_from
+        self.store = CheckpointStore(run_dir, keep)
+        self.saved_step: int | None = None  # the step of this start's newest save
         self.every_s = every_minutes * 60
         # Per start, unlike Lightning's max_time (whose clock a resumed run restores, so a
         # rerun with the same value stopped at once and then reported an unfinished run).
         self.max_time_s = max_time_s
         self.last_save = self.started = time.monotonic()
         self.group: Any = None
+        # The step at which the ranks agree next, the same on every rank, and when and at
+        # which step they last did (rank 0's clock sets the interval).
+        self.next_agreement = 0
+        self.agreed = (time.monotonic(), 0)
 
     # --- agreement
 
     def _agree(self, trainer: L.Trainer) -> tuple[int, bool]:
-        """(the most serious stop code on any rank, whether rank 0 says a save is due)."""
+        """(the most serious stop code on any rank, whether rank 0 says a save is due).
+
+        Under DDP it is one all-reduce over the ranks' own gloo group, which also carries
+        rank 0's choice of the next step to agree at: about AGREE_EVERY_S of steps later, so
+        that the collective stays off most steps (a stop waits that long at most, against the
+        90-180 s of warning that Slurm's signals give).
+        """
         sig = pending_signal()
         code = SIGNALS[sig] if sig is not None else 0
         now = time.monotonic()
@@ -307,8 +369,16 @@ class CheckpointPolicy(Callback):
         due = bool(trainer.training) and 0 < self.every_s <= now - self.last_save
         if self.group is None:
             return code, due
-        flags = torch.tensor([code, int(due and trainer.is_global_zero)], dtype=torch.int32)
+        step = trainer.global_step
+        then, at = self.agreed
+        every = 1  # no step timed yet (the first agreement of a start): next step
+        if step > at:
+            per_step = (now - then) / (step - at)
+            every = min(max(int(AGREE_EVERY_S / max(per_step, 1e-6)), 1), AGREE_MAX_STEPS)
+        mine = [code, int(due and trainer.is_global_zero), every if trainer.is_global_zero else 0]
+        flags = torch.tensor(mine, dtype=torch.int32)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        self.agreed, self.next_agreement = (now, step), step + int(flags[2])
         return int(flags[0]), bool(flags[1])
 
     # --- hooks
@@ -336,6 +406,7 @@ class CheckpointPolicy(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last_save = self.started = time.monotonic()  # clocks count training, not start-up
+        self.agreed = (self.started, trainer.global_step)
         code, _ = self._agree(trainer)
         if code:  # signalled during start-up: nothing new to save
             self._stop(trainer, code, save=False)
@@ -343,6 +414,8 @@ class CheckpointPolicy(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
+        if trainer.global_step < self.next_agreement:
+            return  # every rank skips the same steps
         code, due = self._agree(trainer)
         if code:
             self._stop(trainer, code, save=True)
@@ -350,11 +423,13 @@ class CheckpointPolicy(Callback):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # last.ckpt was just written at the epoch's end; a signal during validation stops here.
-        self.last_save = time.monotonic()
+        # After the ModelCheckpoints: the epoch's best is tracked. Every epoch's end is saved,
+        # then a signal that came during validation stops the run here.
+        if not trainer.fast_dev_run:
+            self.save(trainer)
         code, _ = self._agree(trainer)
         if code:
-            self._stop(trainer, code, save=True)
+            self._stop(trainer, code, save=not trainer.fast_dev_run)
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
@@ -368,8 +443,14 @@ class CheckpointPolicy(Callback):
     # --- actions
 
     def save(self, trainer: L.Trainer) -> None:
-        """last.ckpt now, from every rank together (rank 0 writes; the others wait)."""
-        trainer.save_checkpoint(self.run_dir / LAST, weights_only=False)  # (quiets a log line)
+        """A checkpoint of this step now, from every rank together (rank 0 writes; the
+        others wait in the save's barrier), and then the one to resume from."""
+        if self.saved_step != trainer.global_step:  # the same on every rank
+            path = self.store.path_for(trainer.global_step)
+            trainer.save_checkpoint(path, weights_only=False)  # (quiets a log line)
+            if trainer.is_global_zero:
+                self.store.commit(path)
+            self.saved_step = trainer.global_step
         self.last_save = time.monotonic()
 
     def _stop(self, trainer: L.Trainer, code: int, save: bool) -> None:
@@ -378,7 +459,8 @@ class CheckpointPolicy(Callback):
         if code == TIME_UP:
             name = "--max-time reached"
         requeue = code in (TIME_UP, REQUEUE)
-        marker = {"step": trainer.global_step, "signal": name, "requeue": requeue, "saved": False}
+        action = "requeue" if requeue else "wait"
+        marker = {"action": action, "step": trainer.global_step, "signal": name, "saved": False}
         if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
             write_marker(self.run_dir, **marker)
         if save:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import click
 from cifar_job import CifarJobError, OptionError, Preempted, __version__, quiet_deprecations
 from cifar_job.config import TrainConfig, dashed, load_config_file
 from cifar_job.launch import SlurmOptions
+from cifar_job.rundir import MANIFEST
 
 ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
 FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
@@ -70,16 +72,20 @@ def config_option(name: str, **overrides: Any) -> Callable[..., Any]:
         settings = {"default": f.default, "show_default": True, "help": help_text}
         return click.option(decl, **{**settings, **overrides})
     kind = click.Choice(choices) if choices else FIELD_TYPES[str(f.type)]
-    settings = {
-        "type": kind,
-        "default": f.default,
-        "show_default": True,
-        "help": help_text,
-        # The container image points these at its /data and /runs volumes.
-        "envvar": ENV_DEFAULTS.get(name),
-        "show_envvar": name in ENV_DEFAULTS,
-    }
-    return click.option(f"--{dashed(name)}", name, **{**settings, **overrides})
+    settings = {"type": kind, "default": f.default, "show_default": True, "help": help_text}
+    settings.update(overrides)
+    if name in ENV_DEFAULTS:
+        # The environment (the image points these at its /data and /runs) is a default, not
+        # click's envvar, which would beat a --config file: a config file names this run,
+        # the environment is ambient.
+        var, default = ENV_DEFAULTS[name], settings["default"]
+        settings["default"] = lambda: os.environ.get(var) or default
+        if default is None:
+            settings["help"] += f" ${var} wins over that where set."
+            settings["show_default"] = False
+        else:
+            settings["show_default"] = f"${var}, else {default}"
+    return click.option(f"--{dashed(name)}", name, **settings)
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,6 +146,9 @@ def train(print_config: bool, **values: Any) -> None:
 
     Writes checkpoints, logs/metrics.csv, config.json, manifest.json and, at the end,
     results.json (test/acc, test/acc_top5, test/loss) into the run directory.
+
+    Each value comes from, first to last: the command line, the --config file, the
+    environment ($CIFAR_JOB_RUN_DIR, $CIFAR_JOB_DATA_DIR), the defaults shown here.
     """
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
@@ -217,7 +226,7 @@ def download(data_dir: str, url: str | None, md5: str | None, quiet: bool) -> No
 
     Run this where there is internet (a login node); compute nodes then train offline.
     """
-    from cifar_job import data
+    from cifar_job import dataset as data
 
     if md5 is not None and (
         len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5.lower())
@@ -412,15 +421,13 @@ def submit_grid(
     from pathlib import Path
 
     from cifar_job import sweep
-    from cifar_job.launch import absolute, queued_elements, sbatch_text, submit_sweep
+    from cifar_job.launch import absolute, sbatch_text
 
     grid = sweep_grid(ctx, sweep_pairs, sweep_file)
     plan = sweep.make_plan(absolute(cfg), grid, list(range(seeds or 0)), allow_many=yes)
     sweep.write_plan(Path(cfg.run_dir), plan)
     elements = plan["elements"]
-    # Not those finished, nor those still queued or running from an earlier submission.
-    busy = queued_elements(plan["submissions"])
-    indices = [i for i, e in enumerate(elements) if i not in busy and not sweep.is_finished(e)]
+    indices, busy = sweep.to_submit(plan)
     todo = [elements[i] for i in indices]
     if dry_run:
         click.echo(sbatch_text(cfg, slurm, todo or elements, max_parallel), nl=False)
@@ -433,10 +440,8 @@ def submit_grid(
         done = "are queued or running" if busy else "have finished"
         click.echo(f"all {len(elements)} runs {done}; nothing submitted")
         return
-    jobs = submit_sweep(cfg, slurm, todo, max_parallel)
+    jobs = sweep.submit(cfg, slurm, plan, indices, max_parallel)
     array = jobs[0].job_id.split("_")[0]
-    plan["submissions"].append({"job": array, "elements": indices})
-    sweep.write_plan(Path(cfg.run_dir), plan)
     kind = "job array" if len(jobs) > 1 else "job"
     click.echo(
         f"submitted {kind} {array}: {len(todo)} of {len(elements)} runs\n"
@@ -465,7 +470,7 @@ def submit_grid(
 def status(run_dir: str, as_json: bool) -> None:
     """Show where a run stands: state, step, restarts and the last metrics. For a sweep's
     directory, one line per run."""
-    from cifar_job.doctor import run_status
+    from cifar_job.status import run_status
     from cifar_job.sweep import read_plan
 
     if (plan := read_plan(run_dir)) is not None:
@@ -522,11 +527,11 @@ def sweep_status(plan: dict[str, Any], as_json: bool) -> None:
     """One line per run of a sweep: settings, state, epoch, val/acc, restarts."""
     from pathlib import Path
 
-    from cifar_job.doctor import run_status
+    from cifar_job.status import run_status
 
     rows = []
     for e in plan["elements"]:
-        if (Path(e["run_dir"]) / "manifest.json").exists():
+        if (Path(e["run_dir"]) / MANIFEST).exists():
             info = run_status(e["run_dir"])
         else:
             info = {"state": "not started", "restarts": 0, "metrics": {}}

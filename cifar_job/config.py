@@ -31,7 +31,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # continues the run it came from; FREE ones are how and where it runs; max_epochs is
 # LENGTH: the schedule's rest is stretched over the new length.
 FIXED, FREE, LENGTH = "fixed", "free", "length"
-# CIFAR-10's classes in label order. Here, not in data.py, so that `plot` and `status` do not
+# CIFAR-10's classes in label order. Here, not in dataset.py, so that `plot` and `status` do not
 # import torch and Lightning for their names.
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -141,6 +141,12 @@ class TrainConfig:
     # 10 min: a stop without warning (SIGKILL, a lost node) loses at most that much training,
     # and a save (0.14 s for a ResNet34 with its optimizer state on 2 CPU cores,
     # bench/checkpoint_cost.py) costs 0.02% of that.
+    # 2: a newest file cut short (a full disk, a kill that beat the fsync) still leaves one.
+    keep_checkpoints: int = _opt(
+        2,
+        "Step checkpoints kept in the run directory, newest first, besides the best one.",
+        resume=FREE,
+    )
     checkpoint_every: float = _opt(
         10.0,
         "Minutes of training between mid-epoch saves of last.ckpt, on top of the one at each "
@@ -184,6 +190,7 @@ class TrainConfig:
                     f"--{dashed(f.name)} must be one of {', '.join(choices)}, got {value!r}"
                 )
         positive = ("batch_size", "max_epochs", "num_nodes", "log_every_n_steps", "synthetic_size")
+        positive += ("keep_checkpoints",)
         non_negative = ("lr", "weight_decay", "momentum", "val_size", "num_workers")
         non_negative += ("warmup_epochs", "cutout", "checkpoint_every", "hang_timeout")
         non_negative += ("max_stalled_starts",)

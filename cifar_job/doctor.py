@@ -1,6 +1,6 @@
-"""`cifar-job doctor` and `cifar-job status`: what the cluster looks like from inside a job,
-the checks that catch the usual DDP-on-Slurm mistakes before hours are lost, and where a
-run stands. Like trainer.py and launch.py, this module reads the cluster's environment."""
+"""`cifar-job doctor`: what the cluster looks like from inside a job, and the checks that
+catch the usual DDP-on-Slurm mistakes before hours are lost. Like slurm.py and launch.py,
+this module reads the cluster's environment."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # DataLoader workers pass batches through /dev/shm; Docker's default of 64 MiB crashes them.
@@ -24,7 +23,7 @@ class Check:
 
 def environment() -> dict[str, Any]:
     """The cluster environment as Lightning will see it."""
-    from cifar_job.trainer import in_srun_step, slurm_nodes, tasks_per_node
+    from cifar_job.slurm import in_srun_step, slurm_nodes, tasks_per_node
 
     env = os.environ
     info: dict[str, Any] = {"slurm_job": env.get("SLURM_JOB_ID"), "srun_step": in_srun_step()}
@@ -76,7 +75,7 @@ def checks(
     devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
 ) -> list[Check]:
     """Preflight checks; each failed one says how to fix it."""
-    from cifar_job.trainer import layout_problems
+    from cifar_job.slurm import layout_problems
 
     info = environment()
     found: list[Check] = []
@@ -173,7 +172,7 @@ def data_check(data_dir: str, dataset: str) -> Check:
     if dataset == "synthetic":
         return Check("data", True, "synthetic data: generated, nothing to download")
     from cifar_job import CifarJobError
-    from cifar_job.data import read_verified, verify
+    from cifar_job.dataset import read_verified, verify
 
     try:
         summary = read_verified(data_dir) or verify(data_dir)
@@ -199,83 +198,3 @@ def _size(n: int | None) -> str:
     return (
         "absent" if n is None else f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
     )
-
-
-def run_status(run_dir: str | Path) -> dict[str, Any]:
-    """Where a run stands: state, step, epoch, restarts and the last metrics."""
-    from cifar_job import CifarJobError
-    from cifar_job.config import read_json
-    from cifar_job.plot import metrics_files
-
-    run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if not run_dir.is_dir():
-        raise CifarJobError(f"{run_dir} does not exist or is not a directory")
-    if not manifest_path.exists():
-        raise CifarJobError(f"{run_dir} has no manifest.json: not a cifar-job run directory")
-    manifest = read_json(manifest_path, "the run's history (version, starts, final metrics)")
-    starts = manifest.get("starts", [])
-    status: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "starts": len(starts),
-        "restarts": max(len(starts) - 1, 0),
-    }
-    status |= checkpoint_position(run_dir)
-    job_id = starts[-1].get("job_id") if starts else None
-    if (run_dir / "results.json").exists():
-        status["state"] = "finished"
-        final = read_json(run_dir / "results.json", "the final test results")
-        status["metrics"] = {
-            k: v for k, v in final.items() if k.startswith("test/") and k != "test/confusion"
-        }
-    else:
-        status["state"] = slurm_state(job_id) if job_id else "stopped (not running under Slurm)"
-        status["metrics"] = last_metrics(metrics_files(run_dir))
-    status["job_id"] = job_id
-    return status
-
-
-def checkpoint_position(run_dir: Path) -> dict[str, Any]:
-    """Step and epoch of the checkpoint the next start resumes from, and which one it is."""
-    import warnings
-
-    from cifar_job import CifarJobError
-    from cifar_job.checkpoints import find_resume_checkpoint
-
-    with warnings.catch_warnings(record=True) as skipped:  # damaged ones are reported below
-        warnings.simplefilter("always")
-        try:
-            path, _ = find_resume_checkpoint(run_dir)
-        except CifarJobError as e:
-            return {"checkpoint_problem": str(e)}
-    info: dict[str, Any] = {}
-    if skipped:
-        info["checkpoint_problem"] = "; ".join(str(w.message) for w in skipped)
-    if path is not None:
-        import torch
-
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        info |= {"step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
-        info["checkpoint"] = Path(path).name
-    return info
-
-
-def slurm_state(job_id: str) -> str:
-    """The job's Slurm state (RUNNING, PENDING, ...), or "stopped" once Slurm forgot it."""
-    if not shutil.which("squeue"):
-        return "unknown (no squeue here)"
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    return out.stdout.strip().lower() or "stopped"
-
-
-def last_metrics(paths: list[Path]) -> dict[str, float]:
-    """The newest value of each validation and epoch-level training metric."""
-    from cifar_job.plot import csv_rows
-
-    latest: dict[str, float] = {}
-    for path in paths:
-        for row in csv_rows(path):
-            for key, value in row.items():
-                if value and (key.startswith("val/") or key.endswith("_epoch")):
-                    latest[key] = float(value)
-    return latest

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EVENTS = "events.jsonl"
+from cifar_job.rundir import EVENTS
 
 
 def record(run_dir: Path, event: str, **fields: Any) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from cifar_job import CifarJobError
 from cifar_job.config import TrainConfig
-from cifar_job.data import CLASSES, normalize
+from cifar_job.dataset import CLASSES
+from cifar_job.loader import normalize
 from cifar_job.model import build_network
 
 

@@ -29,7 +29,8 @@ from cifar_job.config import TrainConfig
 if TYPE_CHECKING:  # submitit is imported when a script is made: `--help` stays fast
     import submitit
 
-# The batch-script half of the protocol, shipped in the package (slurm/requeue.sh links to it).
+# The batch-script half of the protocol, shipped in the package (slurm/requeue.sh links to it);
+# `submit` writes it into the batch script.
 REQUEUE_SCRIPT = Path(__file__).with_name("requeue.sh")
 
 
@@ -128,7 +129,10 @@ def batch_lines(slurm: SlurmOptions, run_dirs: list[str]) -> tuple[list[str], li
         ]
     if slurm.container_image:  # the tasks check that they run in it (trainer.check_container)
         where.append(f"export CIFAR_JOB_CONTAINER={shlex.quote(slurm.container_image)}")
-    setup = [*where, f"source {shlex.quote(str(REQUEUE_SCRIPT))}", "cifar_job_before_step"]
+    # The protocol itself, not `source` of this host's copy: the nodes may not see this
+    # install's path (exit 127, and no requeue), and the script must be the one it was made by.
+    protocol = REQUEUE_SCRIPT.read_text().rstrip("\n").splitlines()
+    setup = [*where, *protocol, "cifar_job_before_step"]
     return setup, ["cifar_job_after_step $?", 'exit "$?"']
 
 
@@ -258,6 +262,13 @@ def queued_elements(submissions: list[dict[str, Any]]) -> set[int]:
     out = subprocess.run(
         ["squeue", "-h", "-r", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True
     )
+    if out.returncode:
+        # Not "none is queued": the elements still running would be submitted again, and two
+        # jobs would write one run directory.
+        raise CifarJobError(
+            f"squeue failed, so which sweep elements still run is unknown: "
+            f"{out.stderr.strip() or out.returncode}. Try again once squeue answers."
+        )
     alive = set(out.stdout.split())
     found = set()
     for s in submissions:

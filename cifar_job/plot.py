@@ -8,11 +8,12 @@ from typing import Any
 
 from cifar_job import CifarJobError, OptionError
 from cifar_job.config import CLASSES, read_json
+from cifar_job.rundir import CURVES, LOGS, RESULTS
 
 
 def metrics_files(run_dir: Path) -> list[Path]:
     """The CSV logs of every start of a run, oldest first (logs/version_N/metrics.csv)."""
-    paths = (run_dir / "logs").glob("version_*/metrics.csv")
+    paths = (run_dir / LOGS).glob("version_*/metrics.csv")
     return sorted(paths, key=lambda p: int(p.parent.name.removeprefix("version_")))
 
 
@@ -76,7 +77,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plt = _pyplot()
     run_dir = Path(run_dir)
     series = read_epoch_metrics(run_dir)
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS
     confusion = None
     if results_path.exists():
         confusion = read_json(results_path, "the final test results").get("test/confusion")
@@ -111,7 +112,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     ax.text(j, i, int(count), ha="center", va="center", fontsize=6)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    return save_figure(fig, Path(out) if out else run_dir / "curves.png")
+    return save_figure(fig, Path(out) if out else run_dir / CURVES)
 
 
 def plot_curves(table: dict[str, Any], out: Path) -> Path:

@@ -46,7 +46,7 @@ cifar_job_host_dirs() {
 # cifar_job_before_step: the traps, and no marker left by an earlier start.
 cifar_job_before_step() {
   : "${RUN_DIR:?cifar-job: set RUN_DIR to the run directory}"
-  rm -f "${RUN_DIR}/preempted.json"
+  rm -f "${RUN_DIR}/decision.json"
   echo "cifar-job: job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST}"
   # Note it and go on waiting for the step: the tasks got SIGTERM too, and they are saving.
   trap 'cifar_job_stopping=1' TERM
@@ -68,34 +68,79 @@ cifar_job_slurm_is_ending_job() {
 }
 
 # cifar_job_after_step RC: what the job does once the training step ended with status RC.
+# Python's decision, in the marker, comes first; the status only where no marker was left.
 cifar_job_after_step() {
-  local rc=$1 marker="${RUN_DIR}/preempted.json" kind=none requeues exclude
+  local rc=$1 marker="${RUN_DIR}/decision.json" kind=none
   trap - USR1
   if [ -e "$marker" ]; then
-    if grep -q '"requeue": true' "$marker"; then kind=requeue; else kind=stop; fi
+    case "$(sed -n 's/.*"action": *"\([a-z]*\)".*/\1/p' "$marker")" in
+      finished) return 0 ;; # whatever status a trap made `wait` report
+      fail)
+        echo "cifar-job: the run failed in a way that another start would meet again; no requeue"
+        return $((rc == 0 ? 1 : rc))
+        ;;
+      requeue) kind=requeue ;;
+      wait) kind=stop ;;
+      *) # written by an older cifar-job
+        if grep -qE '"requeue": *true' "$marker"; then kind=requeue; else kind=stop; fi ;;
+    esac
   elif [ "$rc" -eq "$CIFAR_JOB_REQUEUE_EXIT" ]; then
     kind=requeue
   fi
   if [ "$rc" -ne 0 ] && { [ "$kind" = stop ] || [ "$cifar_job_stopping" = 1 ] ||
     cifar_job_slurm_is_ending_job; }; then
-    local saved="before the run could save"
-    if grep -q '"saved": true' "$marker" 2>/dev/null; then
-      saved="after the run saved: $(cat "$marker")"
-    elif [ "$kind" != none ]; then
-      saved="while the run was saving (the save did not finish; the previous checkpoint stands): $(cat "$marker")"
+    echo "cifar-job: job ${SLURM_JOB_ID} was stopped (preemption, cancel, requeue or SIGTERM)" \
+      "$(cifar_job_saved "$marker" "$kind"); waiting for Slurm to end it"
+    if cifar_job_wait_for_slurm; then
+      return "$rc" # Slurm ends the job and decides whether it runs again
     fi
-    echo "cifar-job: Slurm is ending job ${SLURM_JOB_ID} (preemption, cancel or requeue)" \
-      "${saved}; Slurm decides whether it runs again"
-    # Slurm sends SIGKILL at the end of GraceTime or KillWait; an hour is only a backstop.
-    for _ in $(seq 1800); do sleep 2; done
-    return "$rc"
+    # A SIGTERM that Slurm does not follow (scancel --signal=TERM, a health checker): the
+    # run saved, and waiting would leave the allocation idle.
+    echo "cifar-job: Slurm is not ending job ${SLURM_JOB_ID}; requeueing it to go on"
+    cifar_job_requeue "$marker"
+    return
   fi
   if [ "$kind" = none ] && { [ "$cifar_job_signalled" = 0 ] || [ "$rc" -eq 0 ]; }; then
     return "$rc" # finished, or failed on its own: no requeue
   fi
-  # Saved for a requeue (exit 75, or a rank killed while exiting after the save). Signalled
-  # but died another way (e.g. before the handlers were in place): the previous checkpoint
-  # is still whole, so a requeue loses only the unsaved steps.
+  # Saved for a requeue (exit 75, a hang, or a rank killed while exiting after the save).
+  # Signalled but died another way (e.g. before the handlers were in place): the previous
+  # checkpoint is still whole, so a requeue loses only the unsaved steps.
+  cifar_job_requeue "$marker"
+}
+
+# cifar_job_saved MARKER KIND: how far the stop got, for the log.
+cifar_job_saved() {
+  local text
+  text=$(cat "$1" 2>/dev/null) || text="no marker"
+  if grep -qE '"saved": *true' "$1" 2>/dev/null; then
+    echo "after the run saved: ${text}"
+  elif [ "$2" != none ]; then
+    echo "while the run was saving (the save did not finish; the previous checkpoint stands): ${text}"
+  else
+    echo "before the run could save"
+  fi
+}
+
+# cifar_job_wait_for_slurm: after a SIGTERM, whether Slurm is ending the job (preempting,
+# cancelling or requeueing it). If so, wait for its SIGKILL, at the end of GraceTime or
+# KillWait (an hour is only a backstop). Slurm marks the job before it signals it; the window
+# (CIFAR_JOB_SLURM_WINDOW, 30 s) leaves room for a slow controller.
+cifar_job_wait_for_slurm() {
+  local waited=0
+  while ! cifar_job_slurm_is_ending_job; do
+    if [ "$waited" -ge "${CIFAR_JOB_SLURM_WINDOW:-30}" ]; then return 1; fi
+    sleep 2
+    waited=$((waited + 2))
+  done
+  for _ in $(seq 1800); do sleep 2; done
+  return 0
+}
+
+# cifar_job_requeue MARKER: `scontrol requeue`, at most MAX_REQUEUES times a job, away from the
+# nodes that the marker excludes (a hang with --exclude-hung-node).
+cifar_job_requeue() {
+  local marker=$1 requeues exclude
   requeues=$(grep -c "^job ${SLURM_JOB_ID} " "${RUN_DIR}/requeues.log" 2>/dev/null) || true
   if [ "${requeues:-0}" -ge "${MAX_REQUEUES:-10}" ]; then
     echo "cifar-job: requeued ${requeues:-0} times already (MAX_REQUEUES=${MAX_REQUEUES:-10}); stopping" >&2
@@ -103,7 +148,7 @@ cifar_job_after_step() {
   fi
   echo "job ${SLURM_JOB_ID} $(date +%FT%T) restart $((${SLURM_RESTART_COUNT:-0} + 1))" >>"${RUN_DIR}/requeues.log"
   echo "cifar-job: requeueing job ${SLURM_JOB_ID} (requeue $((${requeues:-0} + 1)) of at most ${MAX_REQUEUES:-10})"
-  exclude=$(sed -n 's/.*"exclude": "\([^"]*\)".*/\1/p' "$marker" 2>/dev/null) || true
+  exclude=$(sed -n 's/.*"exclude": *"\([^"]*\)".*/\1/p' "$marker" 2>/dev/null) || true
   if [ -n "$exclude" ]; then
     cifar_job_requeue_excluding "$exclude"
   else
@@ -137,10 +182,17 @@ run_requeueable() {
         scancel --signal=USR1 "${SLURM_JOB_ID}"' USR1
   "$@" &
   pid=$!
-  # `wait` returns early when a trap runs; wait again until the step has really ended.
+  # `wait` returns early, with 128 + the signal, when a trap runs; wait again until the step
+  # has really ended. A trap that came as it ended leaves its real status still to be read.
   while true; do
     wait "$pid" && rc=0 || rc=$?
-    kill -0 "$pid" 2>/dev/null || break
+    kill -0 "$pid" 2>/dev/null && continue
+    if [ "$rc" -gt 128 ]; then
+      local again=0
+      wait "$pid" 2>/dev/null || again=$?
+      if [ "$again" -ne 127 ]; then rc=$again; fi # 127: rc was its own, and already read
+    fi
+    break
   done
   cifar_job_after_step "$rc"
 }

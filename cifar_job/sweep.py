@@ -17,6 +17,7 @@ from typing import Any
 
 from cifar_job import CifarJobError, OptionError, __version__
 from cifar_job.config import FIXED, TrainConfig, dashed, read_json, write_json
+from cifar_job.rundir import RESULTS
 
 PLAN = "sweep.json"
 # More elements than this is most likely a typo (a long list times another): ask first.
@@ -116,7 +117,7 @@ def read_plan(run_dir: Path) -> dict[str, Any] | None:
 
 def is_finished(element: dict[str, Any]) -> bool:
     """Whether the element's run wrote its results for the epochs it was asked to train."""
-    path = Path(element["run_dir"]) / "results.json"
+    path = Path(element["run_dir"]) / RESULTS
     if not path.exists():
         return False
     results = read_json(path, "the final test results")
@@ -124,6 +125,29 @@ def is_finished(element: dict[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------- compare
+
+
+def to_submit(plan: dict[str, Any]) -> tuple[list[int], set[int]]:
+    """The elements to submit now: neither finished nor still queued or running from an
+    earlier submission (which Slurm is asked; see launch.queued_elements). And the queued."""
+    from cifar_job.launch import queued_elements
+
+    busy = queued_elements(plan["submissions"])
+    todo = [i for i, e in enumerate(plan["elements"]) if i not in busy and not is_finished(e)]
+    return todo, busy
+
+
+def submit(
+    cfg: Any, slurm: Any, plan: dict[str, Any], indices: list[int], max_parallel: int | None
+) -> list[Any]:
+    """Submit these elements as one job array and record the submission in the plan, so a
+    later submit of the same sweep knows they are queued. Returns submitit's jobs."""
+    from cifar_job.launch import submit_sweep
+
+    jobs = submit_sweep(cfg, slurm, [plan["elements"][i] for i in indices], max_parallel)
+    plan["submissions"].append({"job": jobs[0].job_id.split("_")[0], "elements": indices})
+    write_plan(Path(cfg.run_dir), plan)
+    return jobs
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
@@ -139,7 +163,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
     if curve:
         epoch, best = max(curve, key=lambda p: (p[1], -p[0]))
         row |= {"best_val_acc": best, "best_epoch": epoch}
-    results = run_dir / "results.json"
+    results = run_dir / RESULTS
     if results.exists():
         row["test_acc"] = read_json(results, "the final test results").get("test/acc")
     return row

@@ -21,18 +21,12 @@ from cifar_job.config import (
     resume_clashes,
     write_json,
 )
-from cifar_job.data import CIFAR10DataModule
+from cifar_job.loader import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
-from cifar_job.trainer import (
-    build_trainer,
-    check_container,
-    end_process_group,
-    job_id,
-    running_image,
-)
+from cifar_job.rundir import CONFIG, MANIFEST, RESULTS, Lease
+from cifar_job.slurm import check_container, job_id, running_image
+from cifar_job.trainer import build_trainer, end_process_group
 from cifar_job.watchdog import Watchdog, node_name
-
-RESULTS = "results.json"
 
 
 def run(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -43,37 +37,67 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     cfg.validate()
     check_container()  # a job meant for a container never trains on the host
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
-    run_dir = prepare_run_dir(cfg)
-    if (finished := finished_results(run_dir, cfg)) is not None:
-        return finished
+    run_dir = open_run_dir(cfg)
+    # One job writes a run directory at a time: rank 0 holds the lease for all its ranks.
+    lease = Lease(run_dir) if rank_zero_only.rank == 0 else None
+    if lease is not None and (took_over := lease.acquire()):
+        print(took_over, flush=True)
+    try:
+        # Rank 0 chooses the checkpoint to resume from, and checks the settings against it;
+        # the other ranks only see whether there is one, and load rank 0's choice.
+        resume = checkpoints.find_resume_checkpoint(run_dir, verify=lease is not None)
+        if lease is not None:
+            check_settings(run_dir, cfg, resume[2])
+        if (finished := finished_results(run_dir, cfg)) is not None:
+            return finished
+        return train_and_record(cfg, run_dir, lease, resume[:2])
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def train_and_record(
+    cfg: TrainConfig, run_dir: Path, lease: Lease | None, resume: tuple[str | None, int | None]
+) -> dict[str, Any] | None:
+    """fit_and_test under the watchdog, with how the start ended recorded."""
     # From here on, a rank that stops making progress ends the start (watchdog.py).
     watchdog = Watchdog(run_dir, cfg.hang_timeout, cfg.exclude_hung_node)
+    if lease is not None:
+        watchdog.on_beat = lease.refresh
     watchdog.start()
     try:
-        results = fit_and_test(cfg, run_dir, watchdog)
-    except Preempted as e:
+        results = fit_and_test(cfg, run_dir, watchdog, resume)
+    except Preempted as e:  # fit saved, and wrote the marker
+        # Every rank: that each one stopped as agreed is the job's own record, not srun's.
+        events.record(run_dir, "exit", rank=rank_zero_only.rank, code=e.exit_code)
         record_end(run_dir, "stopped", str(e))
         raise
     except Exception as e:
-        record_end(run_dir, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+        record_end(run_dir, "error", f"{type(e).__name__}: {e}".splitlines()[0], fails(e))
         raise
     finally:
         watchdog.stop()
         end_process_group()
-    record_end(run_dir, "finished")
+    record_end(run_dir, "finished", action="finished")
     return results
 
 
-def fit_and_test(cfg: TrainConfig, run_dir: Path, watchdog: Watchdog) -> dict[str, Any] | None:
+def fit_and_test(
+    cfg: TrainConfig,
+    run_dir: Path,
+    watchdog: Watchdog,
+    resume: tuple[str | None, int | None],
+) -> dict[str, Any] | None:
     """Build, fit (resuming), test the best checkpoint and write the results."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = CifarClassifier(cfg.to_dict())
-    # Each rank looks; rank 0's choice is the one every rank loads (CheckpointPolicy.setup).
-    resume_from, resume_step = checkpoints.find_resume_checkpoint(run_dir)
+    resume_from, resume_step = resume  # rank 0's is the one every rank loads
     # On a stop signal fit saves and raises Preempted; it also saves every cfg.checkpoint_every.
     max_time_s = max_time_seconds(cfg.max_time) if cfg.max_time else None
-    policy = checkpoints.CheckpointPolicy(run_dir, cfg.checkpoint_every, resume_from, max_time_s)
+    policy = checkpoints.CheckpointPolicy(
+        run_dir, cfg.checkpoint_every, resume_from, max_time_s, cfg.keep_checkpoints
+    )
     # The watchdog first: a step's progress is noted before a stop's save begins.
     trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy])
     if trainer.is_global_zero:
@@ -117,8 +141,8 @@ def build_datamodule(cfg: TrainConfig) -> CIFAR10DataModule:
     return CIFAR10DataModule(cfg)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create (or reopen) the run directory, refusing one that holds a different run."""
+def open_run_dir(cfg: TrainConfig) -> Path:
+    """Create (or reopen) the run directory, and check that this process may write it."""
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise CifarJobError(f"--run-dir {run_dir} is a file; give a directory")
@@ -129,10 +153,17 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         probe.unlink()
     except OSError as e:
         raise CifarJobError(f"--run-dir {run_dir} cannot be written: {e.strerror}") from None
-    saved = run_dir / "config.json"
-    started = any(run_dir.glob("*.ckpt")) or (run_dir / RESULTS).exists()
-    if saved.exists() and started:
-        clashes = resume_clashes(read_json(saved, "the run's settings"), cfg)
+    return run_dir
+
+
+def check_settings(run_dir: Path, cfg: TrainConfig, trained_with: dict[str, Any] | None) -> None:
+    """Refuse settings that cannot continue the run the directory holds: those the resumed
+    checkpoint was trained with (else config.json's, for a finished run); save cfg's."""
+    saved = run_dir / CONFIG
+    if trained_with is None and saved.exists() and (run_dir / RESULTS).exists():
+        trained_with = read_json(saved, "the run's settings")
+    if trained_with is not None:
+        clashes = resume_clashes(trained_with, cfg)
         if clashes:
             raise OptionError(
                 f"{run_dir} holds a run trained with other settings: {', '.join(clashes)}. "
@@ -141,7 +172,6 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
                 "start a new run."
             )
     write_json(saved, cfg.to_dict())
-    return run_dir
 
 
 def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
@@ -155,14 +185,29 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return {**results, "already_finished": True}
 
 
-def record_end(run_dir: Path, reason: str, message: str | None = None) -> None:
-    """Note in the event log how this start ended (rank 0), for the next start's budget."""
-    if rank_zero_only.rank == 0:
-        events.record(run_dir, "end", job=job_id(), reason=reason, message=message)
+def record_end(
+    run_dir: Path, reason: str, message: str | None = None, action: str | None = None
+) -> None:
+    """Note how this start ended (rank 0): in the event log, for the next start's budget,
+    and, with an action, in the marker that the batch script carries out."""
+    if rank_zero_only.rank != 0:
+        return
+    events.record(run_dir, "end", job=job_id(), reason=reason, message=message)
+    if action is not None:
+        checkpoints.write_marker(run_dir, action, reason=reason, message=message)
+
+
+def fails(error: Exception) -> str:
+    """What the batch script does after this error: requeue where a peer or the network
+    failed (another start may well not meet it), fail for anything else, which would."""
+    distributed = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
+    if type(error).__name__ in distributed:
+        return "requeue"
+    return "fail"
 
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
+    path = run_dir / MANIFEST
     if path.exists():
         return read_json(path, "the run's history (version, starts, final metrics)")
     return {"version": __version__, "git_sha": git_sha(), "starts": []}
@@ -187,14 +232,14 @@ def record_start(
             "config": cfg.to_dict(),
         }
     )
-    write_json(run_dir / "manifest.json", manifest)
+    write_json(run_dir / MANIFEST, manifest)
 
 
 def record_finish(run_dir: Path, results: dict[str, Any]) -> None:
     """Store the final metrics in manifest.json."""
     manifest = _manifest(run_dir)
     manifest["final"] = {k: v for k, v in results.items() if k != "test/confusion"}
-    write_json(run_dir / "manifest.json", manifest)
+    write_json(run_dir / MANIFEST, manifest)
 
 
 def git_sha() -> str | None:

@@ -45,12 +45,11 @@ from lightning.pytorch.callbacks import Callback
 
 from cifar_job import checkpoints, events
 from cifar_job.config import write_json
+from cifar_job.rundir import HANG_RECORD, HEARTBEATS
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
 # requeues on the marker written with it.
 HANG_EXIT = 124
-HEARTBEATS = "heartbeats"
-HANG_RECORD = "hang.json"
 # A rank is hung after this many times its slowest recent interval without progress.
 HANG_FACTOR = 10
 # Floors, in seconds. Start-up covers imports from a cold shared filesystem, the rendezvous
@@ -105,6 +104,7 @@ class Watchdog(Callback):
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the thread at once
         self.fault = parse_fault(os.environ.get(FAULT_VAR, ""))
         self.start_key = start_id()
+        self.on_beat: Any = None  # also called every heartbeat (rank 0: the lease's refresh)
         self._thread = threading.Thread(target=self._watch, name="cifar-job-watchdog", daemon=True)
 
     # --- the main thread's side: no I/O, no locks
@@ -233,6 +233,8 @@ class Watchdog(Callback):
         }
 
     def _write_beat(self, now: float) -> None:
+        if self.on_beat is not None:
+            self.on_beat()
         try:
             self._beat_path().parent.mkdir(exist_ok=True)
             write_json(self._beat_path(), self._beat(now))
@@ -276,9 +278,9 @@ class Watchdog(Callback):
             write_json(self.run_dir / HANG_RECORD, record)
             checkpoints.write_marker(
                 self.run_dir,
+                "requeue",
                 step=self.step,
                 signal="hang",
-                requeue=True,
                 saved=False,
                 exclude=",".join(exclude) or None,
             )
@@ -304,9 +306,9 @@ class Watchdog(Callback):
             if self.rank == 0:
                 checkpoints.write_marker(
                     self.run_dir,
+                    "requeue" if requeue_it else "wait",
                     step=self.step,
                     signal=signal.Signals(sig).name,
-                    requeue=requeue_it,
                     saved=False,
                 )
         except OSError:

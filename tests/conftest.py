@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_job.data import CLASSES, make_synthetic
+from cifar_job.dataset import CLASSES, make_synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and learnable: 5 train batches of 300 and a test batch of 200 images.
@@ -194,14 +194,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def assert_matches_golden(output: str, cwd: Path, golden: Path) -> None:
-    """Generated text (an sbatch script) against its golden file, with this machine's paths
-    as placeholders. UPDATE_GOLDEN=1 rewrites the file instead."""
+    """Generated text (an sbatch script) against its golden file, with this machine's paths,
+    and requeue.sh written into it, as placeholders. UPDATE_GOLDEN=1 rewrites the file."""
     from cifar_job.launch import REQUEUE_SCRIPT
 
     text = (
-        output.replace(str(cwd), "{CWD}")
+        output.replace(REQUEUE_SCRIPT.read_text().rstrip("\n"), "{REQUEUE_SH}")
+        .replace(str(cwd), "{CWD}")
         .replace(sys.executable, "{PYTHON}")
-        .replace(str(REQUEUE_SCRIPT), "{REQUEUE_SH}")
     )
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)

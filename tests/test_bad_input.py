@@ -97,7 +97,15 @@ def resumable(tmp: Path, **old) -> None:
     d.mkdir()
     cfg = TrainConfig(run_dir=str(d), dataset="synthetic", **old)
     (d / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (d / "last.ckpt").write_bytes(b"a checkpoint")  # never read: the settings clash first
+    # What the settings are checked against: the checkpoint's own (no weights needed).
+    checkpoint = {
+        "state_dict": {},
+        "loops": {},
+        "global_step": 5,
+        "hyper_parameters": cfg.to_dict(),
+    }
+    torch.save(checkpoint, d / "step-00000005.ckpt")
+    (d / "latest").write_text("step-00000005.ckpt\n")
 
 
 CASES = {
@@ -324,11 +332,12 @@ CASES = {
         ("strategy", "dpp"),
         subprocess=True,
     ),
+    # A finished run's settings are read from config.json (its checkpoints may be gone).
     "train corrupt config.json": Case(
         "train --dataset synthetic --run-dir {tmp}/run",
         1,
         ("config.json is damaged",),
-        lambda tmp: run_dir(tmp, **{"config.json": "{", "last.ckpt": "x"}),
+        lambda tmp: run_dir(tmp, **{"config.json": "{", "results.json": "{}"}),
         subprocess=True,
     ),
     "download into a file": Case(

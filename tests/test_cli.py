@@ -81,6 +81,27 @@ def test_config_file_supplies_options_and_command_line_wins(tmp_path):
     assert resolved["arch"] == "resnet34"  # untouched default
 
 
+def test_a_config_file_beats_the_environment_and_the_command_line_beats_both(tmp_path, monkeypatch):
+    """The image sets CIFAR_JOB_RUN_DIR and CIFAR_JOB_DATA_DIR: a config file's values for
+    them were silently ignored inside the container."""
+    monkeypatch.setenv("CIFAR_JOB_RUN_DIR", "/runs/x")
+    monkeypatch.setenv("CIFAR_JOB_DATA_DIR", "/data")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"run_dir": "runs/from-file"}))
+
+    def resolved(*args: str) -> dict:
+        result = CliRunner().invoke(main, ["train", *args, "--print-config"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    assert resolved()["run_dir"] == "/runs/x"  # the environment beats the defaults
+    from_file = resolved("--config", str(config))
+    assert from_file["run_dir"] == "runs/from-file" and from_file["data_dir"] == "/data"
+    assert resolved("--config", str(config), "--run-dir", "cli")["run_dir"] == "cli"
+    monkeypatch.delenv("CIFAR_JOB_RUN_DIR")
+    assert resolved()["run_dir"] == "runs/cifar10"
+
+
 def test_config_file_with_unknown_key_is_a_usage_error(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"batch_size": 8, "learning_rate": 0.1}))

@@ -11,20 +11,16 @@ from conftest import batch_bytes
 
 from cifar_job import OptionError
 from cifar_job.config import TrainConfig
-from cifar_job.data import (
-    FOLDER,
+from cifar_job.dataset import FOLDER, TEST_BATCHES, TRAIN_BATCHES, load_split, make_synthetic
+from cifar_job.loader import (
     MEAN,
     PAD,
     PAD_LABEL,
     STD,
-    TEST_BATCHES,
-    TRAIN_BATCHES,
     CIFAR10DataModule,
     ShardSampler,
     TensorLoader,
     augment,
-    load_split,
-    make_synthetic,
     normalize,
 )
 

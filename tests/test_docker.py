@@ -98,7 +98,7 @@ def test_docker_stop_saves_and_the_same_docker_run_resumes(image, tmp_path):
         sh("docker", "rm", "-f", name)
     assert state["ExitCode"] == 143 and not state["OOMKilled"], state  # saved, not killed
     assert stopped_in < 10, stopped_in  # well inside docker's grace
-    marker = json.loads((runs / "stop" / "preempted.json").read_text())
+    marker = json.loads((runs / "stop" / "decision.json").read_text())
     assert marker["signal"] == "SIGTERM" and marker["step"] >= 8
 
     again = sh("docker", "run", "--rm", *volume_and_train)  # the same training, run again

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import N_TEST, batch_bytes, cifar_job, make_archive
 
-from cifar_job.data import FOLDER, load_split, make_synthetic
+from cifar_job.dataset import FOLDER, load_split, make_synthetic
 
 
 @pytest.fixture()

@@ -59,7 +59,7 @@ def test_test_command_scores_the_best_checkpoint_as_training_did(options, tmp_pa
 
     from PIL import Image
 
-    from cifar_job.data import make_synthetic
+    from cifar_job.dataset import make_synthetic
 
     images, _ = make_synthetic(1, seed=42, split="test")
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "x.png")

@@ -63,7 +63,7 @@ def test_a_rank_stopped_on_a_two_node_job_is_found_and_the_job_requeues_and_fini
         line = next(x for x in f if "cifar-job: hang:" in x)
     bound = float(re.search(r"\(bound (\d+) s\)", line).group(1))
     assert f"rank 1 on {stopped['node']} (pid {stopped['pid']})" in line, line
-    assert bound == 30  # the learned bound: 10 x a step of well under 3 s, at its floor
+    assert bound >= 30  # learned: 10 x the slowest recent step, at least 30 s
     assert took <= bound + 2 * 2 + 3, (took, bound)  # two heartbeats of the thread, and slack
     try:
         os.kill(stopped["pid"], signal.SIGCONT)  # late: the start is already ending

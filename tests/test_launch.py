@@ -66,6 +66,8 @@ def test_submit_dry_run_with_a_container_image_uses_pyxis(tmp_path, monkeypatch)
     assert f"--container-mounts={tmp_path}:{tmp_path} " in srun  # ./data and ./runs inside
     assert f"--container-workdir={tmp_path} " in srun
     assert " python3 -u -m submitit.core._submit" in srun  # the image's Python
+    # The protocol is in the script: the nodes need no path of this host's install.
+    assert "\nsource " not in result.output and "\ncifar_job_after_step() {" in result.output
     # The tasks refuse to train on the host if the container does not start.
     assert "\nexport CIFAR_JOB_CONTAINER=cifar-job:1\n" in result.output
 
@@ -129,8 +131,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
     killed_at = None
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline and killed_at is None:
-        # A second last.ckpt being written beside the first: kill -9 in the middle of it.
-        if (run_dir / "last.ckpt").exists() and any(run_dir.glob(".last.ckpt.*.tmp")):
+        # A second step checkpoint being written beside the first: kill -9 in the middle of it.
+        if (run_dir / "last.ckpt").exists() and any(run_dir.glob(".step-*.ckpt.*.tmp")):
             proc.send_signal(signal.SIGKILL)
             killed_at = time.monotonic()
         time.sleep(0.002)

@@ -174,8 +174,14 @@ def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference
     assert wait_done(job) == "CANCELLED"
     (saved,) = saved_steps(log.read_text())
     assert saved >= step and ckpt_step(run_dir) == saved  # saved within KillWait (5 s here)
-    marker = json.loads((run_dir / "preempted.json").read_text())
-    assert marker == {"step": saved, "signal": "SIGTERM", "requeue": False, "saved": True}
+    marker = json.loads((run_dir / "decision.json").read_text())
+    assert marker == {
+        "action": "wait",
+        "requeue": False,
+        "step": saved,
+        "signal": "SIGTERM",
+        "saved": True,
+    }
     assert not (run_dir / "results.json").exists()
     assert_no_rank_left(run_dir)
 

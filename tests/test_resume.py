@@ -114,15 +114,23 @@ def test_interrupted_run_resumes_to_identical_weights(straight, tmp_path, sig, s
     k = saved["global_step"]
     assert 5 <= k < STEPS_PER_EPOCH and saved["epoch"] == 0  # mid-epoch
     assert not (run_dir / "results.json").exists()
-    marker = json.loads((run_dir / "preempted.json").read_text())  # for the launcher
-    assert marker == {"step": k, "signal": sig.name, "requeue": requeue, "saved": True}
+    marker = json.loads((run_dir / "decision.json").read_text())  # for the launcher
+    action = "requeue" if requeue else "wait"
+    assert marker == {
+        "action": action,
+        "requeue": requeue,
+        "step": k,
+        "signal": sig.name,
+        "saved": True,
+    }
 
     resumed = cifar_job(*ARGS, "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
     assert [s["step"] for s in starts] == [None, k]
     assert_same_weights(run_dir, straight)
-    assert not (run_dir / "preempted.json").exists()  # the resumed start took it over
+    # The resumed start took the stop's decision over; the finished run left its own.
+    assert json.loads((run_dir / "decision.json").read_text())["action"] == "finished"
 
     # The interrupted epoch's training figures cover all of it: the sums so far travel in
     # the checkpoint. They equal the uninterrupted run's, which equal the mean of its steps'
@@ -213,3 +221,37 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one(tmp_path):
     assert epochs == ["0", "1"]  # the resumed epoch ended where an epoch ends
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
     assert [s["config"]["devices"] for s in starts] == ["2", "1"] and starts[1]["step"] == k
+
+
+def test_a_stop_during_validation_tests_the_checkpoint_an_uninterrupted_run_tests(tmp_path):
+    """SIGTERM while the only epoch validates. The stop used to come before that epoch's
+    best checkpoint was tracked: the rerun then had no best and tested other weights."""
+    args = [
+        *("train", "--dataset", "synthetic", "--synthetic-size", "2200", "--val-size", "2000"),
+        *("--batch-size", "40", "--max-epochs", "1", "--deterministic", *FAST),
+        *("--log-every-n-steps", "1"),
+    ]
+    whole = cifar_job(*args, "--run-dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    run_dir = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cifar_job", *args, "--run-dir", str(run_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if " step 5/5 " in line:  # the epoch's last step: 50 validation batches follow
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "SIGTERM: saved" in err, err[-2000:]
+    rerun = cifar_job(*args, "--run-dir", str(run_dir))
+    assert rerun.returncode == 0, rerun.stderr
+    expected = json.loads((tmp_path / "whole" / "results.json").read_text())
+    got = json.loads((run_dir / "results.json").read_text())
+    assert Path(got["best_checkpoint"]).name == Path(expected["best_checkpoint"]).name
+    assert got["test/acc"] == expected["test/acc"] and got["test/loss"] == expected["test/loss"]

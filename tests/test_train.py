@@ -114,7 +114,7 @@ def test_test_command_reproduces_the_run_s_test_accuracy(trained, data_dir):
 def test_predict_classifies_png_and_jpeg_of_any_size(trained, data_dir, tmp_path):
     from PIL import Image
 
-    from cifar_job.data import CLASSES, load_split
+    from cifar_job.dataset import CLASSES, load_split
 
     images, labels = load_split(data_dir, train=False)
     paths = []
@@ -173,7 +173,9 @@ def test_stopped_run_resumes_at_the_next_epoch(data_dir, tmp_path):
     assert momentum, "optimizer state was not carried over"
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
     assert [s["step"] for s in starts] == [None, STEPS_PER_EPOCH]
-    assert starts[1]["resumed_from"].endswith("last.ckpt")
+    # The file the store's `latest` names, which last.ckpt links to.
+    assert Path(starts[1]["resumed_from"]).name == f"step-{STEPS_PER_EPOCH:08d}.ckpt"
+    assert (run_dir / "last.ckpt").resolve().name == f"step-{2 * STEPS_PER_EPOCH:08d}.ckpt"
     # The manifest records what each start ran with.
     assert [s["config"]["max_epochs"] for s in starts] == [1, 2]
     assert {(s["python"], s["host"]) for s in starts} == {(sys.executable, socket.gethostname())}

@@ -78,14 +78,15 @@ def test_a_stopped_rank_is_named_and_the_start_ends_to_be_requeued(tmp_path):
     assert [b["rank"] for b in hang["stopped"]] == [1] and hang["stopped"][0]["step"] <= 3
     stopped_pid = hang["stopped"][0]["pid"]
     assert not alive(stopped_pid)  # nothing left behind, stopped or otherwise
-    marker = json.loads((run_dir / "preempted.json").read_text())
+    marker = json.loads((run_dir / "decision.json").read_text())
     assert marker["signal"] == "hang" and marker["requeue"] is True and marker["saved"] is False
     assert [e["event"] for e in events(run_dir)][-1] == "hang"
     assert time.monotonic() - t0 < 120
 
     rerun = cifar_job(*ARGS, "--run-dir", str(run_dir), *DDP)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert not (run_dir / "hang.json").exists() and not (run_dir / "preempted.json").exists()
+    assert not (run_dir / "hang.json").exists()
+    assert json.loads((run_dir / "decision.json").read_text())["action"] == "finished"
 
 
 def test_a_stop_signal_ends_a_process_stuck_in_a_collective_within_its_budget(tmp_path):

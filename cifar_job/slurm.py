@@ -1,0 +1,120 @@
+"""What the job knows of Slurm and of the container it was meant to run in: the layout of
+the srun step (tasks per node, nodes), the job and array ids, and whether the task runs in
+the image the job asked for. Ranks themselves come from Lightning's SLURMEnvironment.
+Imports no torch or Lightning: `doctor` and `status` use it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from cifar_job import CifarJobError
+from cifar_job.config import TrainConfig, parse_devices
+
+
+def slurm_layout(cfg: TrainConfig) -> tuple[int | str | list[int], int]:
+    """(devices, num_nodes) for the Trainer: from the Slurm allocation inside an srun step.
+
+    Lightning hangs at DDP init, or runs with the wrong world size, when they disagree with
+    --ntasks-per-node and --nodes; so under srun they are read from Slurm, and a value the
+    user set that contradicts the allocation is an error that says what to change.
+    """
+    devices = parse_devices(cfg.devices)
+    if not in_srun_step():
+        return devices, cfg.num_nodes
+    tasks, nodes = tasks_per_node(), slurm_nodes()
+    problems = layout_problems(cfg.devices, cfg.num_nodes, tasks, nodes)
+    if problems["devices"]:
+        raise CifarJobError(
+            f"--devices {cfg.devices} disagrees with Slurm's {tasks} tasks per node: "
+            + problems["devices"]
+        )
+    if problems["nodes"]:
+        raise CifarJobError(
+            f"--num-nodes {cfg.num_nodes} disagrees with Slurm's {nodes} nodes: "
+            + problems["nodes"]
+        )
+    return (tasks if devices == "auto" else devices), nodes
+
+
+def layout_problems(devices: str, num_nodes: int, tasks: int, nodes: int) -> dict[str, str | None]:
+    """The fix for --devices and for --num-nodes against Slurm's tasks and nodes, or None.
+
+    One place for the rule that training enforces and `cifar-job doctor` reports.
+    """
+    wanted = parse_devices(devices)
+    count = len(wanted) if isinstance(wanted, list) else wanted
+    return {
+        "devices": None
+        if count in ("auto", tasks)
+        else f"give sbatch --ntasks-per-node={count}, or --devices {tasks} (auto: one per task)",
+        "nodes": None
+        if num_nodes in (1, nodes)
+        else f"give sbatch --nodes={num_nodes}, or --num-nodes {nodes} (or leave it out)",
+    }
+
+
+def slurm_nodes() -> int:
+    """How many nodes the Slurm job has."""
+    return int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+
+
+def in_srun_step() -> bool:
+    """Whether this process is a task of an srun step (not the batch script itself)."""
+    step = os.environ.get("SLURM_STEP_ID", "")
+    return "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and step.isdigit()
+
+
+def tasks_per_node() -> int:
+    """Slurm's tasks per node for this step (SLURM_STEP_TASKS_PER_NODE looks like "2(x2)")."""
+    for var in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if match := re.match(r"\d+", os.environ.get(var, "")):
+            return int(match.group())
+    return 1
+
+
+# The image (docker/Dockerfile) writes its version and revision here; nothing else does.
+IMAGE_MARKER = Path("/etc/cifar-job/image.json")
+
+
+# Set by the container templates and `submit --container-image` to the image the tasks were
+# meant to run in.
+CONTAINER_VAR = "CIFAR_JOB_CONTAINER"
+
+
+def running_image() -> dict[str, Any] | None:
+    """The cifar-job image this process runs in (its version and revision), or None."""
+    try:
+        return json.loads(IMAGE_MARKER.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_container() -> None:
+    """Refuse to train on the host when the job asked for a container.
+
+    pyxis loaded as `optional` (and other runtimes' fallbacks) runs the task on the host when
+    the container cannot start: the run would go on with the host's Python and packages, and
+    nothing would say so.
+    """
+    wanted = os.environ.get(CONTAINER_VAR)
+    if wanted and running_image() is None:
+        raise CifarJobError(
+            f"this task was to run in the container {wanted}, but it runs on the host "
+            f"{socket.gethostname()} ({sys.executable}): the container did not start. "
+            "See the container runtime's error above in the job log (pyxis: 'container was "
+            "not started successfully'); nothing was trained."
+        )
+
+
+def job_id() -> str | None:
+    """The scheduler's job id (with the array task, if any), or None outside a job."""
+    jid = os.environ.get("SLURM_JOB_ID")
+    if jid and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        jid = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return jid

@@ -1,0 +1,32 @@
+"""The private Lightning and submitit APIs that cifar-job relies on, checked one by one, so
+that a release that changes one fails here, loudly and by name, rather than in a job (the
+version ranges in pyproject.toml stop at the releases checked)."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import submitit
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+from cifar_job.checkpoints import _SignalsOwnedByCifarJob
+
+
+def test_lightnings_signal_connector_is_what_checkpoints_py_replaces():
+    """checkpoints.py swaps trainer._signal_connector for a subclass without the SIGTERM
+    handler (which calls a collective inside the handler, then exits 0, unsaved)."""
+    assert "register_signal_handlers" in vars(_SignalConnector)
+    assert issubclass(_SignalsOwnedByCifarJob, _SignalConnector)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert isinstance(trainer._signal_connector, _SignalConnector)
+    connector = _SignalsOwnedByCifarJob(trainer)
+    connector.register_signal_handlers()
+    assert connector.received_sigterm is False and connector._original_handlers == {}
+
+
+def test_submitits_script_writer_is_what_submit_dry_run_calls():
+    """launch.sbatch_text writes the script without submitting it."""
+    writer = submitit.SlurmExecutor._make_submission_file_text
+    assert list(inspect.signature(writer).parameters) == ["self", "command", "uid"]
+    assert isinstance(submitit.SlurmExecutor.__dict__.get("_submitit_command_str"), property)

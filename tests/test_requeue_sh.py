@@ -1,0 +1,178 @@
+"""The batch script's half of the stop protocol (cifar_job/requeue.sh), row by row, without a
+cluster: stand-ins for `scontrol` and `scancel` on PATH record what the script asks of Slurm
+and answer `scontrol show job` as a job in a given state would; the training step is a shell
+line that leaves (or not) the marker that Python writes, and exits as the ranks would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+RUNNING = "JobId=7 JobState=RUNNING Reason=None PreemptTime=None ExcNodeList=(null)"
+PREEMPTED = "JobId=7 JobState=RUNNING Reason=None PreemptTime=2026-12-01T10:00:00"
+
+
+class Job:
+    """A batch job that sources requeue.sh and runs one step, with Slurm stood in for."""
+
+    def __init__(self, tmp: Path, state: str = RUNNING) -> None:
+        self.tmp, self.run_dir = tmp, tmp / "run"
+        self.run_dir.mkdir()
+        stubs = tmp / "bin"
+        stubs.mkdir()
+        for tool in ("scontrol", "scancel"):
+            (stubs / tool).write_text(
+                f'#!/bin/sh\necho "{tool} $*" >> "$STUB/calls"\n'
+                f'[ "{tool} $1 $2" = "scontrol show job" ] && cat "$STUB/job"\nexit 0\n'
+            )
+            (stubs / tool).chmod(0o755)
+        (tmp / "job").write_text(state + "\n")
+        self.env = {
+            **os.environ,
+            "PATH": f"{stubs}:{os.environ['PATH']}",
+            "STUB": str(tmp),
+            "RUN_DIR": str(self.run_dir),
+            "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NODELIST": "n1",
+            "CIFAR_JOB_SLURM_WINDOW": "2",
+        }
+
+    def start(self, step: str) -> subprocess.Popen[str]:
+        script = (
+            f"set -euo pipefail\nsource {REPO}/slurm/requeue.sh\n"
+            f"run_requeueable bash -c {shlex.quote(step)}\n"
+        )
+        return subprocess.Popen(
+            ["bash", "-c", script],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def run(self, step: str) -> tuple[int, str]:
+        proc = self.start(step)
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, out
+
+    def marker(self, action: str, **decision: object) -> str:
+        """A shell line that writes the marker as Python does (checkpoints.write_marker)."""
+        text = json.dumps({"action": action, "requeue": action == "requeue", **decision})
+        return f"echo '{text}' > {self.run_dir}/decision.json"
+
+    def calls(self) -> list[str]:
+        path = self.tmp / "calls"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def requeued(self) -> bool:
+        return "scontrol requeue 7" in self.calls()
+
+
+def test_a_finished_run_ends_the_job_as_it_is(tmp_path):
+    job = Job(tmp_path)
+    assert job.run("exit 0") == (0, "cifar-job: job 7 start 1 on n1\n")
+    assert not job.requeued()
+
+
+def test_a_failed_run_fails_the_job_without_a_requeue(tmp_path):
+    job = Job(tmp_path)
+    rc, _ = job.run("exit 1")
+    assert rc == 1 and not job.requeued()
+
+
+def test_exit_75_with_the_marker_requeues_once(tmp_path):
+    job = Job(tmp_path)
+    rc, out = job.run(f"{job.marker('requeue', step=12, signal='SIGUSR1', saved=True)}; exit 75")
+    assert rc == 0 and job.requeued(), out
+    assert "requeueing job 7 (requeue 1 of at most 10)" in out
+    assert len((job.run_dir / "requeues.log").read_text().splitlines()) == 1
+
+
+def test_exit_75_without_a_marker_requeues(tmp_path):
+    """A rank killed while exiting after the save, before rank 0 wrote the marker."""
+    job = Job(tmp_path)
+    rc, out = job.run("exit 75")
+    assert rc == 0 and job.requeued(), out
+
+
+def test_a_hang_requeues_away_from_the_node_it_names(tmp_path):
+    job = Job(tmp_path)
+    rc, out = job.run(
+        f"{job.marker('requeue', signal='hang', saved=False, exclude='n2')}; exit 124"
+    )
+    assert rc == 0, out
+    assert job.calls()[-3:] == [
+        "scontrol requeuehold 7",
+        "scontrol update JobId=7 ExcNodeList=n2",
+        "scontrol release 7",
+    ]
+
+
+def test_a_sigterm_that_slurm_follows_leaves_the_decision_to_slurm(tmp_path):
+    """Preemption: the ranks saved and exited 143; Slurm requeues the job at the end of
+    GraceTime, so the script waits for its SIGKILL and asks for nothing."""
+    job = Job(tmp_path, state=PREEMPTED)
+    proc = job.start(f"{job.marker('wait', signal='SIGTERM', saved=True)}; exit 143")
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline(), proc.stdout.readline()]
+    assert "waiting for Slurm to end it" in lines[1] and "after the run saved" in lines[1]
+    time.sleep(3)  # longer than the window: Slurm is ending it, so the script keeps waiting
+    assert proc.poll() is None and not job.requeued()
+    proc.kill()  # Slurm's SIGKILL
+    proc.wait()
+
+
+def test_a_sigterm_that_slurm_does_not_follow_requeues_instead_of_idling(tmp_path):
+    """`scancel --signal=TERM` or a health checker: nobody ends the job, and waiting an hour
+    would leave the allocation idle. After the window the script requeues it."""
+    job = Job(tmp_path)
+    proc = job.start(f"sleep 1; {job.marker('wait', signal='SIGTERM', saved=True)}; exit 143")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and job.requeued(), out
+    assert "Slurm is not ending job 7; requeueing it" in out
+
+
+def test_exit_75_without_a_marker_after_a_sigterm_does_not_abort_the_script(tmp_path):
+    """`$(cat marker)` with no marker ended the script under `set -e`: the job ended FAILED
+    and was never requeued."""
+    job = Job(tmp_path)
+    proc = job.start("sleep 1; exit 75")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and job.requeued(), out
+    assert "the save did not finish; the previous checkpoint stands): no marker" in out
+
+
+def test_an_error_that_another_start_would_meet_fails_the_job_even_when_signalled(tmp_path):
+    job = Job(tmp_path)
+    rc, out = job.run(f"kill -USR1 $PPID; sleep 0.5; {job.marker('fail', reason='error')}; exit 1")
+    assert rc == 1 and not job.requeued(), out
+    assert "another start would meet again; no requeue" in out
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "requeue"), [("finished", 0, False), ("requeue", 75, True)]
+)
+def test_a_trap_as_the_step_ends_does_not_change_the_decision(action, status, requeue, tmp_path):
+    """A USR1 that lands as the step exits interrupts `wait`, which then reports 138, and
+    bash may have no status left to give: a run that finished was requeued. The decision
+    comes from the marker that Python wrote."""
+    job = Job(tmp_path)
+    step = f"{job.marker(action, saved=True)}; sleep 0.5; kill -USR1 $PPID; exit {status}"
+    for _ in range(3):
+        job.tmp.joinpath("calls").unlink(missing_ok=True)
+        rc, out = job.run(step)
+        assert "scancel --signal=USR1 7" in job.calls(), out  # the trap ran
+        assert job.requeued() is requeue, out
+        assert rc == 0, out
