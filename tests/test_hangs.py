@@ -87,7 +87,8 @@ def test_a_job_that_hangs_on_every_start_stops_after_its_budget(tmp_path):
     checkpoint the next start stops with one message, long before MAX_REQUEUES (10)."""
     run_dir = tmp_path / "run"
     template = str(REPO / "slurm/ddp_4gpu.sh")
-    args = [*RUN, "--checkpoint-every", "0", "--hang-timeout", "10", "--max-stalled-starts", "2"]
+    args = [*TRAIN, "--max-epochs", "1", "--checkpoint-every", "0", "--hang-timeout", "10"]
+    args += ["--max-stalled-starts", "2"]
     env = {"RUN_DIR": str(run_dir), "CIFAR_JOB_FAULT": "stop:3:1"}
     job = sbatch(*ONE_NODE_TWO_TASKS, template, *args, cwd=tmp_path, **env)
     assert wait_done(job, timeout=300) == "FAILED"
@@ -102,7 +103,7 @@ def test_a_job_that_hangs_on_every_start_stops_after_its_budget(tmp_path):
 def test_exclude_hung_node_requeues_the_job_away_from_the_node_that_hung(tmp_path):
     run_dir = tmp_path / "run"
     template = str(REPO / "slurm/ddp_4gpu.sh")
-    args = [*RUN, "--hang-timeout", "10", "--exclude-hung-node"]
+    args = [*TRAIN, "--max-epochs", "1", "--hang-timeout", "10", "--exclude-hung-node"]
     env = {"RUN_DIR": str(run_dir), "CIFAR_JOB_FAULT": "stop:3:1:1"}  # in the first start
     job = sbatch(*ONE_NODE_TWO_TASKS, template, *args, cwd=tmp_path, **env)
     assert wait_done(job, timeout=300) == "COMPLETED"
@@ -110,4 +111,4 @@ def test_exclude_hung_node_requeues_the_job_away_from_the_node_that_hung(tmp_pat
     first, second = [e["node"] for e in events(run_dir) if e["event"] == "start"]
     assert first != second, text[-3000:]
     assert f"excluding node(s) {first} from job {job}" in text
-    assert ckpt_step(run_dir) == TOTAL
+    assert ckpt_step(run_dir) == STEPS_PER_EPOCH
