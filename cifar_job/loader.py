@@ -143,10 +143,18 @@ class ShardSampler(Sampler[int]):
         return self.n // self.world if self.shuffle else eval_shard_size(self.n, self.world)
 
 
-def forget_signal_pipe(worker_id: int) -> None:
-    """A forked worker inherits the pipe on which the training process learns of its
-    signals (signal.set_wakeup_fd): the worker's own signals must not land there."""
+def worker_signals(worker_id: int) -> None:
+    """Signals in a DataLoader worker: Slurm signals every process of a step, workers too.
+
+    A worker that SIGTERM killed made the training process fail at its next batch ("DataLoader
+    worker is killed by signal"), before the save the signal asked for: the training process
+    decides how a stop ends, and its workers end with it (torch ends them when the loader is
+    shut down, or when they find their parent gone). A forked worker also inherits the pipe
+    on which the training process learns of its signals (set_wakeup_fd): not the worker's.
+    """
     signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TensorLoader:
@@ -264,7 +272,7 @@ class CIFAR10DataModule(L.LightningDataModule):
             drop_last=shuffle,
             num_workers=self.cfg.num_workers,
             persistent_workers=self.cfg.num_workers > 0,
-            worker_init_fn=forget_signal_pipe,
+            worker_init_fn=worker_signals,
             pin_memory=torch.cuda.is_available(),
         )
 

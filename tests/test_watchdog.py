@@ -166,3 +166,18 @@ def test_the_hang_timeout_is_learned_from_the_slowest_recent_step(
     watchdog.section = section
     assert watchdog.timeout(stopping) == pytest.approx(timeout)
     assert Watchdog(tmp_path, hang_timeout_s=12).timeout() == 12  # --hang-timeout wins
+
+
+def test_dataloader_workers_end_with_the_run_on_sigterm(tmp_path):
+    """With --data-loader torch, the workers are forked copies of the training process: a
+    SIGTERM stops the run (saved, 143) and leaves no worker behind, and the workers' own
+    signals never reach the watchdog as a second SIGTERM (the run would end unsaved)."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "--data-loader", "torch", "--num-workers", "2")
+    wait_for_line(proc, " step 3/")
+    subprocess.run(["pkill", "-TERM", "-f", str(run_dir)])  # the run and its workers, as Slurm does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "SIGTERM: saved" in err, err[-3000:]
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
