@@ -112,7 +112,7 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(reference, 
     assert ckpt_step(run_dir) == TOTAL
     assert_same_weights(run_dir, reference)
     # Slurm requeued it itself (PreemptMode=REQUEUE): the script asked for no requeue.
-    assert text.count("Slurm is ending job") == 2 and "requeueing job" not in text
+    assert text.count("waiting for Slurm to end it") == 2 and "requeueing job" not in text
     assert not (run_dir / "requeues.log").exists()
     assert_no_rank_left(run_dir)
 

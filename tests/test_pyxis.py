@@ -72,7 +72,7 @@ def assert_trained_in_the_container_to_the_end(run_dir: Path, log: str) -> None:
     assert all(s["image"] == {"version": "test", "revision": "abc123"} for s in starts)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["global_step"] == TOTAL and 0 <= results["test/acc"] <= 1
-    assert log.count("Slurm is ending job") == 1 and "after the run saved" in log
+    assert log.count("waiting for Slurm to end it") == 1 and "after the run saved" in log
     assert "Bus error" not in log  # the image stayed mounted while the ranks saved
     assert_no_rank_left(run_dir)
 
