@@ -196,9 +196,10 @@ def find_resume_checkpoint(
     was trained with), or Nones if there is none.
 
     The store's `latest` first, then its step files newest first: the first that loads
-    wins, so a damaged pointer or a newest file cut short costs one file, not the run. A
-    directory of the layout before the store (last.ckpt and best-epochNNN.ckpt files) resumes
-    from the highest step that loads, by content. Skipped files are warned about; if files
+    wins, so a damaged pointer or a newest file cut short costs one file, not the run; unless
+    the best checkpoint holds a later step. A directory of the layout before the store
+    (last.ckpt and best-epochNNN.ckpt files) resumes from the highest step that loads, by
+    content. Skipped files are warned about; if files
     exist but none loads, the run stops instead of training from scratch over them.
 
     verify=False (every rank but 0) only says whether there is one: rank 0's choice is the
@@ -210,14 +211,19 @@ def find_resume_checkpoint(
     if not verify:
         first = (candidates or legacy or [None])[0]
         return (str(first) if first else None), None, None
+    found: list[tuple[int, int, str, Any]] = []  # (step, preference, path, settings)
     for path in candidates:
         if (ckpt := _loadable(path)) is not None:
-            return str(path), int(ckpt.get("global_step", 0)), ckpt.get("hyper_parameters")
-    found: list[tuple[int, bool, str, Any]] = []
+            step, settings = int(ckpt.get("global_step", 0)), ckpt.get("hyper_parameters")
+            found.append((step, 2, str(path), settings))
+            break
+    # The best checkpoint (and a plain last.ckpt of the older layout) may be newer than the
+    # store's: the epoch's best is written before the epoch's step file, and a kill between
+    # the two would otherwise cost that epoch.
     for path in legacy:
         if (ckpt := _loadable(path)) is not None:
-            step = int(ckpt.get("global_step", 0))
-            found.append((step, path.name == LAST, str(path), ckpt.get("hyper_parameters")))
+            step, preference = int(ckpt.get("global_step", 0)), int(path.name == LAST)
+            found.append((step, preference, str(path), ckpt.get("hyper_parameters")))
     if found:
         step, _, path, settings = max(found, key=lambda f: f[:2])
         return path, step, settings
@@ -416,6 +422,11 @@ class CheckpointPolicy(Checkpoint):
     ) -> None:
         if trainer.global_step < self.next_agreement:
             return  # every rank skips the same steps
+        if args[-1] + 1 >= trainer.num_training_batches:
+            # The epoch's last step (batch_idx, the same on every rank): its end comes next,
+            # and stops there, after validation and the best checkpoint. A stop here would
+            # resume into the next epoch with this one never validated.
+            return
         code, due = self._agree(trainer)
         if code:
             self._stop(trainer, code, save=True)

@@ -224,8 +224,9 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one(tmp_path):
 
 
 def test_a_stop_during_validation_tests_the_checkpoint_an_uninterrupted_run_tests(tmp_path):
-    """SIGTERM while the only epoch validates. The stop used to come before that epoch's
-    best checkpoint was tracked: the rerun then had no best and tested other weights."""
+    """SIGTERM at the only epoch's last step, or while it validates. The stop used to come
+    before that epoch's best checkpoint was tracked (or, at its last step, before it was
+    validated at all): the rerun then had no best and tested other weights."""
     args = [
         *("train", "--dataset", "synthetic", "--synthetic-size", "1200", "--val-size", "1000"),
         *("--batch-size", "40", "--max-epochs", "1", "--deterministic", *FAST),

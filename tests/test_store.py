@@ -63,6 +63,7 @@ def test_frequent_saves_keep_the_newest_two_and_the_best(one_epoch):
 
 def test_a_damaged_pointer_resumes_from_the_newest_file_that_loads(one_epoch, tmp_path):
     run_dir = copy(one_epoch, tmp_path)
+    (run_dir / "best-epoch000.ckpt").unlink()  # else its step, as new as the newest, wins
     (run_dir / "latest").write_text("\x00garbage")
     newest = run_dir / f"step-{STEPS:08d}.ckpt"
     older = sorted(run_dir.glob("step-*.ckpt"))[0]
@@ -74,6 +75,21 @@ def test_a_damaged_pointer_resumes_from_the_newest_file_that_loads(one_epoch, tm
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
     assert starts[-1]["resumed_from"] == str(older) and starts[-1]["step"] == older_step < STEPS
     assert step_of(run_dir / "last.ckpt") == 2 * STEPS
+
+
+def test_a_best_checkpoint_newer_than_the_store_s_is_resumed_from(one_epoch, tmp_path):
+    """The epoch's best is written before the epoch's step file: a kill between the two
+    must not cost the epoch."""
+    run_dir = copy(one_epoch, tmp_path)
+    newest = run_dir / f"step-{STEPS:08d}.ckpt"
+    newest.unlink()  # killed before the epoch's step file
+    older = sorted(run_dir.glob("step-*.ckpt"))[-1]
+    (run_dir / "latest").write_text(older.name + "\n")
+    rerun = cifar_job(*ARGS, "--max-epochs", "2", "--run-dir", str(run_dir))
+    assert rerun.returncode == 0, rerun.stderr
+    starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
+    assert Path(starts[-1]["resumed_from"]).name == "best-epoch000.ckpt"
+    assert starts[-1]["step"] == STEPS
 
 
 def test_settings_are_checked_against_the_checkpoint_resumed(one_epoch, tmp_path):
