@@ -228,7 +228,7 @@ def test_a_stop_during_validation_tests_the_checkpoint_an_uninterrupted_run_test
     before that epoch's best checkpoint was tracked (or, at its last step, before it was
     validated at all): the rerun then had no best and tested other weights."""
     args = [
-        *("train", "--dataset", "synthetic", "--synthetic-size", "1200", "--val-size", "1000"),
+        *("train", "--dataset", "synthetic", "--synthetic-size", "800", "--val-size", "600"),
         *("--batch-size", "40", "--max-epochs", "1", "--deterministic", *FAST),
         *("--log-every-n-steps", "1"),
     ]
@@ -245,7 +245,7 @@ def test_a_stop_during_validation_tests_the_checkpoint_an_uninterrupted_run_test
     )
     assert proc.stdout is not None
     for line in proc.stdout:
-        if " step 5/5 " in line:  # the epoch's last step: 25 validation batches follow
+        if " step 5/5 " in line:  # the epoch's last step: 15 validation batches follow
             proc.send_signal(signal.SIGTERM)
             break
     _, err = proc.communicate(timeout=300)

@@ -15,12 +15,12 @@ from conftest import FAST, cifar_job
 
 pytestmark = pytest.mark.slow
 
-# 600 training images in batches of 40: 15 steps an epoch.
+# 300 training images in batches of 40: 7 steps an epoch.
 ARGS = [
-    *("train", "--dataset", "synthetic", "--synthetic-size", "700", "--val-size", "100"),
+    *("train", "--dataset", "synthetic", "--synthetic-size", "400", "--val-size", "100"),
     *("--batch-size", "40", *FAST),
 ]
-STEPS = 15
+STEPS = 7
 
 
 def step_of(path: Path) -> int:
