@@ -26,6 +26,7 @@ from typing import Any
 
 from cifar_job import CifarJobError
 from cifar_job.config import write_atomic, write_json
+from cifar_job.slurm import job_id, local_start
 
 # Every file of a run directory, named once. (The checkpoint store's are below; ModelCheckpoint
 # names best-epochNNN.ckpt; Lightning's loggers write logs/ and tensorboard/.)
@@ -48,12 +49,9 @@ LEASE_REFRESH_S, LEASE_TTL_S = 15.0, 120.0
 def holder_name() -> str:
     """Who this process writes for: its Slurm job (array task included), or, outside Slurm,
     the host and the process that started the run (Lightning's local ranks inherit it)."""
-    if job := os.environ.get("SLURM_JOB_ID"):
-        if task := os.environ.get("SLURM_ARRAY_TASK_ID"):
-            job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{task}"
+    if job := job_id():
         return f"Slurm job {job}"
-    started = os.environ.setdefault("CIFAR_JOB_START", f"{socket.gethostname()}.{os.getpid()}")
-    host, _, pid = started.rpartition(".")
+    host, _, pid = local_start().rpartition(".")
     return f"process {pid} on {host}"
 
 

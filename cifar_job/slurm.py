@@ -118,3 +118,9 @@ def job_id() -> str | None:
     if jid and os.environ.get("SLURM_ARRAY_TASK_ID"):
         jid = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     return jid
+
+
+def local_start() -> str:
+    """Outside Slurm, the host and pid of the process that started the run, as HOST.PID:
+    Lightning's local ranks inherit it through the environment, so they all name one run."""
+    return os.environ.setdefault("CIFAR_JOB_START", f"{socket.gethostname()}.{os.getpid()}")

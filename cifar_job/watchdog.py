@@ -46,6 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from cifar_job import checkpoints, events
 from cifar_job.config import write_json
 from cifar_job.rundir import HANG_RECORD, HEARTBEATS
+from cifar_job.slurm import local_start
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
 # requeues on the marker written with it.
@@ -77,7 +78,7 @@ def start_id() -> str:
     Lightning launches (they inherit its environment)."""
     if job := os.environ.get("SLURM_JOB_ID"):
         return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}"
-    return os.environ.setdefault("CIFAR_JOB_START", f"{socket.gethostname()}.{os.getpid()}")
+    return local_start()
 
 
 def node_name() -> str:
