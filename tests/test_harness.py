@@ -81,3 +81,36 @@ def test_a_failed_import_fails_the_step_and_leaves_no_partial_file(importer):
     got = importer("dockerd://cifar-job:test", "sha256:aaa")
     assert got.returncode != 0 and got.stdout == ""
     assert [p.name for p in importer.cache.iterdir()] == [".lock"]
+
+
+@pytest.mark.slurm
+def test_the_cluster_starts_empty_over_the_state_of_a_controller_that_was_killed(
+    cluster, tmp_path: Path
+):
+    """A machine image taken while jobs ran (as CI machines are made) keeps slurmctld's saved
+    jobs: recovered RUNNING with no process behind them, they held both nodes for ever and
+    start.sh failed with "nodes did not come up". A start after a hard stop must come up
+    empty, with both nodes free."""
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "--output=/dev/null", "--wrap", "sleep 300"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run(
+        ["sh", "-c", f"until squeue -h -j {job} -t R | grep -q .; do sleep 0.2; done"],
+        timeout=60,
+        check=True,
+    )
+    subprocess.run(["pkill", "-9", "-x", "slurmctld"], check=True)
+    subprocess.run(["pkill", "-9", "-x", "slurmd"], check=True)
+    started = subprocess.run(
+        [str(REPO / "tests/cluster/start.sh")], capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == ""
+    states = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", "debug", "-o", "%T"], capture_output=True, text=True
+    ).stdout.split()
+    assert states == ["idle", "idle"]

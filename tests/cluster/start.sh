@@ -66,7 +66,9 @@ PartitionName=low Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=1 PreemptMo
 PartitionName=high Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 CONF
 # A running cluster with this very configuration is left as it is; any change restarts it.
-if cmp -s "$conf" /etc/slurm/slurm.conf && [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -c idle)" = 2 ]; then
+# Both nodes answer: idle, or running jobs (a "*" suffix would say a node does not respond).
+nodes_up() { [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -cxE 'idle|mixed|allocated|completing')" = 2 ]; }
+if cmp -s "$conf" /etc/slurm/slurm.conf && nodes_up; then
   rm -f "$conf"; echo "slurm: already running"; exit 0
 fi
 pkill -x slurmd || true
@@ -76,6 +78,11 @@ pkill -x slurmctld || true
 for _ in $(seq 80); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.25; done
 pkill -9 -x slurmd || true
 pkill -9 -x slurmctld || true
+# A cluster that starts again starts empty. Jobs saved by a controller that was not stopped
+# (a machine image taken mid-run, a crash) would come back RUNNING with no process behind
+# them and hold both nodes allocated for ever.
+pkill -9 -x slurmstepd || true
+rm -rf "${STATE:?}/ctld"/* /var/spool/slurmd/*
 mv "$conf" /etc/slurm/slurm.conf
 cat > /etc/slurm/gres.conf <<CONF
 AutoDetect=off
@@ -91,8 +98,8 @@ for n in n1 n2; do
 done
 
 for _ in $(seq 60); do
-  if [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -c idle)" = 2 ]; then
-    echo "slurm: 2 nodes idle"; exit 0
+  if nodes_up; then
+    echo "slurm: 2 nodes up"; exit 0
   fi
   scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true
   sleep 0.5
