@@ -78,19 +78,19 @@ bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 
-dist: install ## Build the project wheel and its requirements.txt (for the image) into dist/
+dist: install ## Build the project wheel and its requirements.txt (for the image: with the mlflow client) into dist/
 	rm -rf dist && $(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
 	$(PY) -c 'import sys, zipfile, email; w = zipfile.ZipFile(sys.argv[1]); \
 	  meta = next(n for n in w.namelist() if n.endswith(".dist-info/METADATA")); \
 	  deps = email.message_from_bytes(w.read(meta)).get_all("Requires-Dist"); \
-	  print(*(d for d in deps if "extra ==" not in d), sep="\n")' dist/cifar_job-*.whl \
+	  print(*(d.split(";")[0] for d in deps if "extra ==" not in d or "extra == \"mlflow\"" in d), sep="\n")' dist/cifar_job-*.whl \
 	  > dist/requirements.txt
 
 wheels: dist ## Fill wheels/ with every wheel the image needs, for air-gapped builds
 	mkdir -p wheels
 	$(PY) -m pip download --quiet --dest wheels --only-binary=:all: \
 	  --python-version $(WHEELS_PYTHON) $(WHEEL_PLATFORMS) \
-	  $(TORCH_SPEC) dist/cifar_job-*.whl
+	  $(TORCH_SPEC) -r dist/requirements.txt
 
 image: dist ## Build the image cifar-job:<version> and cifar-job:latest
 	mkdir -p wheels

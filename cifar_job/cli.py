@@ -20,7 +20,11 @@ from cifar_job.config import TrainConfig, dashed, load_config_file
 from cifar_job.launch import SlurmOptions
 from cifar_job.rundir import MANIFEST
 
-ENV_DEFAULTS = {"data_dir": "CIFAR_JOB_DATA_DIR", "run_dir": "CIFAR_JOB_RUN_DIR"}
+ENV_DEFAULTS = {
+    "data_dir": "CIFAR_JOB_DATA_DIR",
+    "run_dir": "CIFAR_JOB_RUN_DIR",
+    "tracking_uri": "MLFLOW_TRACKING_URI",
+}
 FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
 
 
@@ -148,7 +152,8 @@ def train(print_config: bool, **values: Any) -> None:
     results.json (test/acc, test/acc_top5, test/loss) into the run directory.
 
     Each value comes from, first to last: the command line, the --config file, the
-    environment ($CIFAR_JOB_RUN_DIR, $CIFAR_JOB_DATA_DIR), the defaults shown here.
+    environment ($CIFAR_JOB_RUN_DIR, $CIFAR_JOB_DATA_DIR, $MLFLOW_TRACKING_URI), the
+    defaults shown here.
     """
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
@@ -440,6 +445,7 @@ def submit_grid(
         done = "are queued or running" if busy else "have finished"
         click.echo(f"all {len(elements)} runs {done}; nothing submitted")
         return
+    parent = tracked_sweep(cfg, plan)
     jobs = sweep.submit(cfg, slurm, plan, indices, max_parallel)
     array = jobs[0].job_id.split("_")[0]
     kind = "job array" if len(jobs) > 1 else "job"
@@ -449,6 +455,10 @@ def submit_grid(
         f"  follow:  cifar-job status {cfg.run_dir}\n"
         f"  compare: cifar-job compare {cfg.run_dir}"
     )
+    if parent:
+        click.echo(
+            f"           cifar-job compare --tracking-uri {cfg.tracking_uri} --mlflow-run {parent}"
+        )
     if wait:
         import logging
 
@@ -462,6 +472,30 @@ def submit_grid(
                 failed.append(f"{e['name']} (job {job.job_id}, {job.paths.stderr})")
         if failed:
             raise CifarJobError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def tracked_sweep(cfg: TrainConfig, plan: dict[str, Any]) -> str | None:
+    """With --tracker mlflow, the sweep's parent run on the server, made now (else the first
+    element to reach the server makes it); None if the server or its client is missing."""
+    import importlib.util
+
+    if cfg.tracker != "mlflow" or importlib.util.find_spec("mlflow") is None:
+        return None
+    from pathlib import Path
+
+    from cifar_job.tracking import client_for, describe, ensure_sweep_parent, say
+
+    try:
+        client = client_for(str(cfg.tracking_uri))
+        return ensure_sweep_parent(
+            client, str(cfg.tracking_uri), Path(cfg.run_dir), cfg.experiment, plan
+        )
+    except Exception as e:  # the server does not answer: the runs will make the parent
+        say(
+            f"{cfg.tracking_uri} does not answer ({describe(e)}); the sweep's runs will make "
+            "its parent run when it does"
+        )
+        return None
 
 
 @main.command()
@@ -499,14 +533,22 @@ def status(run_dir: str, as_json: bool) -> None:
 @config_option("num_workers", type=click.IntRange(min=0))
 @config_option("data_dir", help="The CIFAR-10 directory to check.")
 @config_option("dataset")
+@config_option("tracking_uri", help="The MLflow server to check this node reaches.")
 def doctor(
-    devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
+    devices: str,
+    num_nodes: int,
+    accelerator: str,
+    num_workers: int,
+    data_dir: str,
+    dataset: str,
+    tracking_uri: str | None,
 ) -> None:
     """Print the cluster environment and run preflight checks; exit 1 if one fails.
 
     Run it the way training will run, e.g. `srun cifar-job doctor --devices 4` inside the
     allocation, to catch a task/device mismatch, a missing srun, a missing --signal, a small
-    /dev/shm or missing data before the real job starts.
+    /dev/shm, missing data or an MLflow server this node cannot reach before the real job
+    starts.
     """
     from cifar_job.doctor import Check, checks, environment
 
@@ -514,7 +556,9 @@ def doctor(
         click.echo(f"{key:>20}: {value}")
     try:  # a value training would refuse is a failed check, on the cluster or off it
         TrainConfig(devices=devices, num_nodes=num_nodes, accelerator=accelerator).validate()
-        found = checks(devices, num_nodes, accelerator, num_workers, data_dir, dataset)
+        found = checks(
+            devices, num_nodes, accelerator, num_workers, data_dir, dataset, tracking_uri
+        )
     except OptionError as e:
         found = [Check("options", False, str(e))]
     for check in found:
@@ -549,26 +593,61 @@ def sweep_status(plan: dict[str, Any], as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False))
+@click.option(
+    "--mlflow-run",
+    "mlflow_runs",
+    multiple=True,
+    metavar="RUN_ID",
+    help="Read this run from the MLflow server instead (a sweep's parent: all its runs). "
+    "Repeatable; no RUN_DIRS needed.",
+)
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    show_envvar=True,
+    help="The MLflow server of --mlflow-run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plot", is_flag=True, help="Also draw every run's val/acc curve in one PNG.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
     default=None,
-    help="PNG for --plot. [default: FIRST_RUN_DIR/compare.png]",
+    help="PNG for --plot. [default: FIRST_RUN_DIR/compare.png, else ./compare.png]",
 )
-def compare(run_dirs: tuple[str, ...], as_json: bool, plot: bool, out: str | None) -> None:
+def compare(
+    run_dirs: tuple[str, ...],
+    mlflow_runs: tuple[str, ...],
+    tracking_uri: str | None,
+    as_json: bool,
+    plot: bool,
+    out: str | None,
+) -> None:
     """Rank runs by their best val/acc: a sweep's directory stands for all its runs, and runs
-    that differ only in their seed also get the mean and spread over the seeds."""
+    that differ only in their seed also get the mean and spread over the seeds.
+
+    \b
+    From disk:              cifar-job compare runs/sweep runs/other
+    From the MLflow server: cifar-job compare --tracking-uri URI --mlflow-run PARENT_ID
+    (a sweep's parent run id is in RUN_DIR/tracking.json)."""
     from pathlib import Path
 
     from cifar_job.plot import plot_curves
     from cifar_job.sweep import compare as compare_runs
+    from cifar_job.sweep import compare_on_server
 
-    table = compare_runs([Path(d) for d in run_dirs])
+    if bool(run_dirs) == bool(mlflow_runs):
+        raise click.UsageError("give RUN_DIRS, or --mlflow-run RUN_ID (one or the other)")
+    if mlflow_runs:
+        if not tracking_uri:
+            raise click.UsageError("--mlflow-run needs --tracking-uri (or $MLFLOW_TRACKING_URI)")
+        table = compare_on_server(tracking_uri, list(mlflow_runs))
+    else:
+        table = compare_runs([Path(d) for d in run_dirs])
     if plot:
-        table["plot"] = str(plot_curves(table, Path(out or Path(run_dirs[0]) / "compare.png")))
+        default = Path(run_dirs[0]) / "compare.png" if run_dirs else Path("compare.png")
+        table["plot"] = str(plot_curves(table, Path(out or default)))
     if as_json:
         click.echo(json.dumps(table))
         return

@@ -26,6 +26,7 @@ PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 DATASETS = ("cifar10", "synthetic")
 LOADERS = ("tensor", "torch")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+TRACKERS = ("none", "mlflow")
 # What a rerun of a run directory may change (see check_resume and the README's table):
 # FIXED settings define what is trained and how the data is split, so a checkpoint only
 # continues the run it came from; FREE ones are how and where it runs; max_epochs is
@@ -181,6 +182,22 @@ class TrainConfig:
         50, "Steps between logged training metrics and log lines.", resume=FREE
     )
 
+    # --- tracking server (tracking.py)
+    tracker: str = _opt(
+        "none",
+        "none, or mlflow: also log params, metrics, tags and the results to an MLflow server, "
+        "as one MLflow run for the life of the run directory.",
+        TRACKERS,
+        resume=FREE,
+    )
+    tracking_uri: str | None = _opt(
+        None, "The MLflow server for --tracker mlflow, e.g. http://login1:5000.", resume=FREE
+    )
+    experiment: str = _opt("cifar-job", "MLflow experiment of --tracker mlflow.", resume=FREE)
+    log_model: bool = _opt(
+        False, "With --tracker mlflow, also upload the best checkpoint at the end.", resume=FREE
+    )
+
     def validate(self) -> None:
         """Raise OptionError, naming the option, for values no run could use."""
         for f in dataclasses.fields(self):
@@ -206,6 +223,13 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise OptionError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         parse_devices(self.devices)
+        if self.tracker == "mlflow" and not self.tracking_uri:
+            raise OptionError(
+                "--tracker mlflow needs --tracking-uri (or $MLFLOW_TRACKING_URI), e.g. "
+                "http://login1:5000"
+            )
+        if self.tracker == "mlflow" and not self.experiment.strip():
+            raise OptionError("--experiment must name an MLflow experiment, got ''")
         if self.max_time is not None:
             max_time_seconds(self.max_time)
 

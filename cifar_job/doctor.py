@@ -72,7 +72,13 @@ def batch_script(job_id: str, info: str) -> str | None:
 
 
 def checks(
-    devices: str, num_nodes: int, accelerator: str, num_workers: int, data_dir: str, dataset: str
+    devices: str,
+    num_nodes: int,
+    accelerator: str,
+    num_workers: int,
+    data_dir: str,
+    dataset: str,
+    tracking_uri: str | None = None,
 ) -> list[Check]:
     """Preflight checks; each failed one says how to fix it."""
     from cifar_job.slurm import layout_problems
@@ -164,7 +170,36 @@ def checks(
         )
     )
     found.append(data_check(data_dir, dataset))
+    if tracking_uri:
+        found.append(tracking_check(tracking_uri))
     return found
+
+
+def tracking_check(uri: str) -> Check:
+    """Whether the MLflow server answers from here: compute nodes often reach fewer hosts and
+    ports than the login node that started it. Training would go on without it, tracking
+    nothing."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return Check("tracking", True, f"{uri}: not a server, nothing to reach")
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as answer:
+            ok, why = answer.status == 200, f"HTTP {answer.status}"
+    except urllib.error.HTTPError as e:
+        ok, why = False, f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        ok, why = False, str(getattr(e, "reason", e))
+    if ok:
+        return Check("tracking", True, f"the MLflow server {uri} answers from this node")
+    return Check(
+        "tracking",
+        False,
+        f"the MLflow server {uri} does not answer from this node ({why}): training would run "
+        "but track nothing. Start it where compute nodes reach it (mlflow server --host "
+        "0.0.0.0 --port 5000 on the login node) and use that host's name",
+    )
 
 
 def data_check(data_dir: str, dataset: str) -> Check:

@@ -39,6 +39,8 @@ HEARTBEATS = "heartbeats"  # each rank's last heartbeat (watchdog.py)
 HANG_RECORD = "hang.json"  # the last hang: every rank's heartbeat, the one that stopped
 LOGS = "logs"  # one CSV of metrics per start: logs/version_N/metrics.csv
 CURVES = "curves.png"  # cifar-job plot
+TRACKING = "tracking.json"  # the MLflow server and run this run logs to (tracking.py)
+TRACKING_SPOOL = "tracking-metrics.jsonl"  # what it logged, appended; sent from there
 LEASE = "lease.json"
 # The holder refreshes every LEASE_REFRESH_S; a lease this old has no live holder (8 missed
 # refreshes: a slow shared filesystem is no reason to take over a running job, and a killed

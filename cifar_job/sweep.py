@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ PLAN = "sweep.json"
 # More elements than this is most likely a typo (a long list times another): ask first.
 MAX_ELEMENTS = 1000
 # Settings that say where a run lives, not what it is: never swept.
-NOT_SWEPT = ("run_dir", "data_dir", "download", "fast_dev_run")
+NOT_SWEPT = ("run_dir", "data_dir", "download", "fast_dev_run", "tracker", "tracking_uri")
+NOT_SWEPT += ("experiment", "log_model")
 
 
 def element_name(settings: dict[str, Any]) -> str:
@@ -41,7 +43,9 @@ def expand(
     """
     for key, values in grid.items():
         if key in NOT_SWEPT:  # the CLI has refused keys that are not train options
-            raise OptionError(f"--sweep {dashed(key)}: where a run lives cannot be swept")
+            raise OptionError(
+                f"--sweep {dashed(key)}: where a run lives or is recorded cannot be swept"
+            )
         if not values:
             raise OptionError(f"--sweep {dashed(key)}: give at least one value")
     if seeds and "seed" in grid:
@@ -184,6 +188,57 @@ def compare(run_dirs: list[Path]) -> dict[str, Any]:
         for element in plan["elements"]:
             row = summary(Path(element["run_dir"]))
             rows.append({**row, "name": element["name"], "settings": element["settings"]})
+    return rank(rows)
+
+
+def compare_on_server(uri: str, run_ids: list[str]) -> dict[str, Any]:
+    """compare() from an MLflow server (--tracker mlflow): a sweep's parent run stands for
+    its children. Each row is what compare() reads from disk, from the run's metrics."""
+    from cifar_job.tracking import client_for, describe
+
+    client = client_for(uri)
+    rows: list[dict[str, Any]] = []
+    try:
+        for run_id in run_ids:
+            run = client.get_run(run_id)
+            children = client.search_runs(
+                [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"
+            )
+            for member in children or [run]:
+                rows.append(server_summary(client, member))
+    except Exception as e:  # the client's errors: a refused connection, an unknown run
+        raise CifarJobError(f"cannot read the runs from {uri}: {describe(e)}") from None
+    return rank(rows)
+
+
+def server_summary(client: Any, run: Any) -> dict[str, Any]:
+    """summary() of a run on the server: val/acc by epoch (the epoch logged at its step)."""
+    run_id = run.info.run_id
+    epochs = {m.step: int(m.value) + 1 for m in client.get_metric_history(run_id, "epoch")}
+    curve = sorted(
+        (epochs[m.step], m.value)
+        for m in client.get_metric_history(run_id, "val/acc")
+        if m.step in epochs
+    )
+    row: dict[str, Any] = {
+        "run_dir": run.data.tags.get("cifar_job.run_dir"),
+        "run_id": run_id,
+        "name": run.info.run_name,
+        "settings": json.loads(run.data.tags.get("cifar_job.settings", "{}")),
+        "epochs": len(curve),
+        "val_acc_curve": curve,
+    }
+    if curve:
+        epoch, best = max(curve, key=lambda p: (p[1], -p[0]))
+        row |= {"best_val_acc": best, "best_epoch": epoch}
+    if "test/acc" in run.data.metrics:
+        row["test_acc"] = run.data.metrics["test/acc"]
+    return row
+
+
+def rank(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows best val/acc first, and the mean and spread over seeds of runs that differ
+    only in their seed."""
     rows.sort(key=lambda r: -r.get("best_val_acc", -1.0))
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

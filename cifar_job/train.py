@@ -13,7 +13,15 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from cifar_job import CifarJobError, OptionError, Preempted, __version__, checkpoints, events
+from cifar_job import (
+    CifarJobError,
+    OptionError,
+    Preempted,
+    __version__,
+    checkpoints,
+    events,
+    tracking,
+)
 from cifar_job.config import (
     TrainConfig,
     max_time_seconds,
@@ -23,7 +31,7 @@ from cifar_job.config import (
 )
 from cifar_job.loader import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
-from cifar_job.rundir import CONFIG, MANIFEST, RESULTS, Lease
+from cifar_job.rundir import CONFIG, CURVES, MANIFEST, RESULTS, Lease
 from cifar_job.slurm import check_container, job_id, running_image
 from cifar_job.trainer import build_trainer, end_process_group
 from cifar_job.watchdog import Watchdog, node_name
@@ -35,6 +43,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     Returns the test results on global rank 0, None on the other ranks.
     """
     cfg.validate()
+    tracking.check_client(cfg)
     check_container()  # a job meant for a container never trains on the host
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
     run_dir = open_run_dir(cfg)
@@ -49,6 +58,10 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
         if lease is not None:
             check_settings(run_dir, cfg, resume[2])
         if (finished := finished_results(run_dir, cfg)) is not None:
+            if lease is not None and (tracker := tracking.make_tracker(run_dir, cfg)):
+                # What a finished run could not send at its end is sent now.
+                tracker.begin(None)
+                tracker.end("finished", artifacts=final_artifacts(run_dir, cfg, finished))
             return finished
         return train_and_record(cfg, run_dir, lease, resume[:2])
     finally:
@@ -64,21 +77,26 @@ def train_and_record(
     watchdog = Watchdog(run_dir, cfg.hang_timeout, cfg.exclude_hung_node)
     if lease is not None:
         watchdog.on_beat = lease.refresh
+    tracker = tracking.make_tracker(run_dir, cfg)
+    if tracker is not None and lease is not None:
+        watchdog.on_exit = tracker.abort  # a hang ends the process at once
     watchdog.start()
     try:
-        results = fit_and_test(cfg, run_dir, watchdog, resume)
+        results = fit_and_test(cfg, run_dir, watchdog, resume, tracker)
     except Preempted as e:  # fit saved, and wrote the marker
         # Every rank: that each one stopped as agreed is the job's own record, not srun's.
         events.record(run_dir, "exit", rank=rank_zero_only.rank, code=e.exit_code)
-        record_end(run_dir, "stopped", str(e))
+        record_end(run_dir, "stopped", str(e), tracker=tracker)
         raise
     except Exception as e:
-        record_end(run_dir, "error", f"{type(e).__name__}: {e}".splitlines()[0], fails(e))
+        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        record_end(run_dir, "error", message, fails(e), tracker=tracker)
         raise
     finally:
         watchdog.stop()
         end_process_group()
-    record_end(run_dir, "finished", action="finished")
+    artifacts = final_artifacts(run_dir, cfg, results) if results is not None else []
+    record_end(run_dir, "finished", action="finished", tracker=tracker, artifacts=artifacts)
     return results
 
 
@@ -87,6 +105,7 @@ def fit_and_test(
     run_dir: Path,
     watchdog: Watchdog,
     resume: tuple[str | None, int | None],
+    tracker: tracking.MlflowTracker | None = None,
 ) -> dict[str, Any] | None:
     """Build, fit (resuming), test the best checkpoint and write the results."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -99,7 +118,7 @@ def fit_and_test(
         run_dir, cfg.checkpoint_every, resume_from, max_time_s, cfg.keep_checkpoints
     )
     # The watchdog first: a step's progress is noted before a stop's save begins.
-    trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy])
+    trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy], loggers=[tracker])
     if trainer.is_global_zero:
         # Before this start counts: a job that keeps failing without a new checkpoint stops.
         checkpoints.check_progress(run_dir, job_id(), resume_step, cfg.max_stalled_starts)
@@ -115,6 +134,9 @@ def fit_and_test(
         if resume_from:
             layout += f"; resuming from {Path(resume_from).name} at step {resume_step}"
         print(layout, flush=True)
+        if tracker is not None:
+            shape = f"{nodes} node(s) x {devices} {kind}"
+            tracker.begin(start_summary(run_dir, resume_step, job_id(), shape))
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if trainer.interrupted:
         raise CifarJobError("training was interrupted; rerun the same command to resume")
@@ -186,15 +208,58 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def record_end(
-    run_dir: Path, reason: str, message: str | None = None, action: str | None = None
+    run_dir: Path,
+    reason: str,
+    message: str | None = None,
+    action: str | None = None,
+    tracker: tracking.MlflowTracker | None = None,
+    artifacts: list[Path] | None = None,
 ) -> None:
     """Note how this start ended (rank 0): in the event log, for the next start's budget,
-    and, with an action, in the marker that the batch script carries out."""
+    with an action in the marker that the batch script carries out, and on the tracking
+    server."""
     if rank_zero_only.rank != 0:
         return
     events.record(run_dir, "end", job=job_id(), reason=reason, message=message)
     if action is not None:
         checkpoints.write_marker(run_dir, action, reason=reason, message=message)
+    if tracker is not None:
+        # A stopped job's nodes are wanted back (its save is whole): what the server has
+        # not taken in 5 s waits for the next start.
+        tracker.end(reason, message, artifacts or [], wait_s=5.0 if reason == "stopped" else None)
+
+
+def start_summary(run_dir: Path, step: int | None, job: str | None, layout: str) -> dict[str, Any]:
+    """This start as the tracking server tags it: its number and job, every job of the run,
+    where it runs and from which step."""
+    starts = _manifest(run_dir)["starts"]
+    jobs = [str(s["job_id"]) for s in starts if s.get("job_id")]
+    return {
+        "number": len(starts),
+        "job": job,
+        "jobs": list(dict.fromkeys(jobs)),
+        "host": socket.gethostname(),
+        "layout": layout,
+        "step": step,
+        "image": (running_image() or {}).get("version"),
+    }
+
+
+def final_artifacts(run_dir: Path, cfg: TrainConfig, results: dict[str, Any]) -> list[Path]:
+    """What a finished run uploads: results.json, curves.png (the learning curves and the
+    confusion matrix) and, with --log-model, the best checkpoint."""
+    if cfg.tracker == "none" or cfg.fast_dev_run:
+        return []
+    from cifar_job.plot import plot_run
+
+    paths = [run_dir / RESULTS]
+    try:
+        paths.append(plot_run(run_dir, run_dir / CURVES))
+    except CifarJobError as e:
+        print(f"tracking: no {CURVES}: {e}", file=sys.stderr, flush=True)
+    if cfg.log_model and results.get("best_checkpoint"):
+        paths.append(Path(results["best_checkpoint"]))
+    return paths
 
 
 def fails(error: Exception) -> str:

@@ -104,8 +104,9 @@ def build_trainer(
     run_dir: Path,
     callbacks: list[Callback] | None = None,
     progress: bool | None = None,
+    loggers: list[Logger | None] | None = None,
 ) -> L.Trainer:
-    """A Trainer writing checkpoints and logs into run_dir."""
+    """A Trainer writing checkpoints and logs into run_dir (and to `loggers` as well)."""
     progress = sys.stderr.isatty() if progress is None else progress
     devices, num_nodes = slurm_layout(cfg)
     all_callbacks: list[Callback] = [
@@ -127,9 +128,10 @@ def build_trainer(
         all_callbacks.append(LogLines(cfg.log_every_n_steps))
     # Each start of the run logs to its own logs/version_N/: Lightning's CSVLogger deletes
     # an existing metrics.csv when it opens it again. `cifar-job plot` reads them in order.
-    loggers: list[Logger] = [CSVLogger(run_dir, name=LOGS)]
+    all_loggers: list[Logger] = [CSVLogger(run_dir, name=LOGS)]
     if cfg.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+        all_loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+    all_loggers += [logger for logger in loggers or [] if logger is not None]
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Ranks come from Slurm; requeueing belongs to the launcher (sbatch script or
@@ -147,7 +149,7 @@ def build_trainer(
             deterministic=cfg.deterministic,
             default_root_dir=run_dir,
             callbacks=all_callbacks,
-            logger=loggers,
+            logger=all_loggers,
             plugins=plugins,
             log_every_n_steps=cfg.log_every_n_steps,
             enable_progress_bar=progress,

@@ -106,6 +106,8 @@ class Watchdog(Callback):
         self.fault = parse_fault(os.environ.get(FAULT_VAR, ""))
         self.start_key = start_id()
         self.on_beat: Any = None  # also called every heartbeat (rank 0: the lease's refresh)
+        # Called with (reason, message) before this process ends at once (rank 0: the tracker).
+        self.on_exit: Any = None
         self._thread = threading.Thread(target=self._watch, name="cifar-job-watchdog", daemon=True)
 
     # --- the main thread's side: no I/O, no locks
@@ -337,6 +339,11 @@ class Watchdog(Callback):
         and this process gone at once: its main thread may never return."""
         if message:
             print(f"cifar-job: {message}", file=sys.stderr, flush=True)
+        if self.on_exit is not None:
+            try:
+                self.on_exit("hang" if code == HANG_EXIT else "stopped", message)
+            except Exception:  # noqa: BLE001 (nothing may keep this process from ending)
+                pass
         sys.stdout.flush()
         kill_children()
         os._exit(code)

@@ -206,3 +206,108 @@ def assert_matches_golden(output: str, cwd: Path, golden: Path) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)
     assert text == golden.read_text()
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback: SQLite backend and a local artifact store in
+    `root`, on a free port. stop() and start() again keep its data (a server that went away
+    and came back)."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import urllib.request
+
+        mlflow = Path(sys.executable).parent / "mlflow"
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's own)
+        self.process = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+            + ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+            + ["--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.3)
+        raise AssertionError(
+            f"mlflow server did not start: {(self.root / 'server.log').read_text()}"
+        )
+
+    def stop(self) -> None:
+        """Gone at once, as a server whose node is lost: SIGKILL to its process group."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        self.process = None
+
+    def client(self):  # noqa: ANN201 (mlflow's MlflowClient)
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """One MLflow server for the session (tests use their own experiments), stopped after."""
+    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("no mlflow server in this environment: make install (the dev extra has it)")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def metric_steps(client, run_id: str) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN001
+    """Every metric of an MLflow run as (step, value), in step order, repeats included."""
+    run = client.get_run(run_id)
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in run.data.metrics
+    }
+
+
+def csv_steps(run_dir: Path) -> dict[str, dict[int, float]]:
+    """The run's own CSV logs (every start's), as {metric: {step: first value}}."""
+    import csv
+
+    values: dict[str, dict[int, float]] = {}
+    for path in sorted(
+        (run_dir / "logs").glob("version_*/metrics.csv"),
+        key=lambda p: int(p.parent.name.split("_")[1]),
+    ):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if key != "step" and value not in ("", None):
+                        values.setdefault(key, {}).setdefault(int(row["step"]), float(value))
+    return values
+
+
+def assert_each_step_once_as_in_csv(client, run_id: str, run_dir: Path) -> None:  # noqa: ANN001
+    """The server's metric history has each step once, with the CSV's value at that step."""
+    server, local = metric_steps(client, run_id), csv_steps(run_dir)
+    assert server.keys() == local.keys(), (sorted(server), sorted(local))
+    for key, points in server.items():
+        steps = [s for s, _ in points]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice: {steps}"
+        assert steps == sorted(local[key]), (key, steps, sorted(local[key]))
+        for step, value in points:
+            assert value == pytest.approx(local[key][step], rel=1e-6), (key, step)

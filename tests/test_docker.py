@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import IMAGE as TAG
-from conftest import SMOKE, sh
+from conftest import REPO, SMOKE, sh
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -33,13 +33,16 @@ def test_image_labels_name_version_and_revision(image):
     assert "org.opencontainers.image.source" in labels
 
 
-def test_image_trains_into_a_mounted_run_directory(image, tmp_path):
+def test_image_trains_into_a_mounted_run_directory(image, mlflow_server, tmp_path):
+    """...and tracks it on an MLflow server (the image has the client; host networking
+    reaches the test's server on loopback)."""
     runs = tmp_path / "runs"
     runs.mkdir()
     os.chown(runs, 1000, 1000)  # the image's user owns the volume, as `docker run --user` would
-    volume = ["--shm-size=1g", "-v", f"{runs}:/runs"]
-    args = ["docker", "run", "--rm", *volume, TAG, "train", *SMOKE, "--run-dir", "/runs/smoke"]
-    run = sh(*args, timeout=600)
+    volume = ["--shm-size=1g", "--network", "host", "-v", f"{runs}:/runs"]
+    tracking = ["--tracker", "mlflow", "--tracking-uri", mlflow_server.uri, "--experiment", "image"]
+    args = ["docker", "run", "--rm", *volume, TAG, "train", *SMOKE, *tracking]
+    run = sh(*args, "--run-dir", "/runs/smoke", timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "test/acc " in run.stdout
     smoke = runs / "smoke"
@@ -47,6 +50,10 @@ def test_image_trains_into_a_mounted_run_directory(image, tmp_path):
     assert config["run_dir"] == "/runs/smoke" and config["data_dir"] == "/data"  # image defaults
     assert json.loads((smoke / "manifest.json").read_text())["starts"]
     assert (smoke / "config.json").stat().st_uid == 1000  # written by the non-root user
+    client = mlflow_server.client()
+    runs_on_server = client.search_runs([client.get_experiment_by_name("image").experiment_id])
+    assert [r.info.status for r in runs_on_server] == ["FINISHED"]
+    assert runs_on_server[0].data.params["run_dir"] == "/runs/smoke"
 
 
 def test_image_without_gpus_fails_clearly_when_asked_for_one(image, tmp_path):
@@ -147,6 +154,15 @@ echo bytecode $(find "$site"/torch "$site"/lightning -name '*.pyc' | wc -l)
         "rest": total - base - found["venv"],
     }
     history = sh("docker", "history", TAG, "--format", "{{.Size}}\t{{.CreatedBy}}").stdout
+    # What the MLflow client (--tracker mlflow) adds: bench/client_size.py, in the image.
+    client = subprocess.run(
+        ["docker", "run", "--rm", "-i", "--entrypoint", "python", TAG, "-", "mlflow-skinny"],
+        input=(REPO / "bench/client_size.py").read_text(),
+        capture_output=True,
+        text=True,
+    )
+    assert client.returncode == 0, client.stderr
+    print(client.stdout.strip())
     print("\nimage GB:", json.dumps({k: round(v / 1e9, 2) for k, v in parts.items()}))
     print(history)
     assert found["static"] == 0 and found["pip_cache"] == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cifar_job
+from conftest import REPO, assert_each_step_once_as_in_csv, cifar_job
 from slurmjobs import (
     ONE_NODE_TWO_TASKS,
     STEPS_PER_EPOCH,
@@ -64,10 +64,18 @@ def random_steps(count: int, gap: int) -> list[int]:
             return steps
 
 
-def submit_template(tmp_path: Path, run_dir: Path, *sbatch_args: str) -> tuple[str, Path]:
+def submit_template(
+    tmp_path: Path, run_dir: Path, *sbatch_args: str, train: tuple[str, ...] = ()
+) -> tuple[str, Path]:
     """The one-node template on 2 tasks, as a user submits it; its job id and log."""
     job = sbatch(
-        *sbatch_args, *ONE_NODE_TWO_TASKS, TEMPLATE, *RUN, cwd=tmp_path, RUN_DIR=str(run_dir)
+        *sbatch_args,
+        *ONE_NODE_TWO_TASKS,
+        TEMPLATE,
+        *RUN,
+        *train,
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
     )
     return job, tmp_path / f"slurm-cifar-job-{job}.out"
 
@@ -95,9 +103,14 @@ def reference_two_nodes(
     return uninterrupted(tmp_path_factory.mktemp("reference2"), *TWO_NODES, MULTINODE)
 
 
-def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(reference, tmp_path):
+def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(
+    reference, mlflow_server, tmp_path
+):
+    """Also tracked on the MLflow server: one MLflow run whatever the requeues."""
     run_dir = tmp_path / "run"
-    job, log = submit_template(tmp_path, run_dir, "-p", "low")
+    tracking = ("--tracker", "mlflow", "--tracking-uri", mlflow_server.uri)
+    tracking += ("--experiment", "preempted-twice")
+    job, log = submit_template(tmp_path, run_dir, "-p", "low", train=tracking)
     at = random_steps(2, gap=8)
     for start, step in enumerate(at, 1):
         # Logs are appended across requeues: only this start's lines count.
@@ -115,6 +128,20 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(reference, 
     assert text.count("waiting for Slurm to end it") == 2 and "requeueing job" not in text
     assert not (run_dir / "requeues.log").exists()
     assert_no_rank_left(run_dir)
+
+    # One MLflow run for the three starts, each step once with the CSV's values; its status
+    # history: killed twice by the preemptions, then finished.
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("preempted-twice")
+    runs = client.search_runs([experiment.experiment_id])
+    run_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"
+    tags = runs[0].data.tags
+    ended = [tags[f"cifar_job.start.{n:03d}"].split("; ended ")[1] for n in (1, 2, 3)]
+    assert [e.split()[0] for e in ended] == ["KILLED", "KILLED", "FINISHED"], ended
+    assert len(set(tags["slurm.job_ids"].split(","))) == 1 == len({job, tags["slurm.job_id"]})
+    assert_each_step_once_as_in_csv(client, run_id, run_dir)
 
 
 def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(

@@ -40,13 +40,18 @@ def array_done(job: str, timeout: float = 400) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, tmp_path):
+def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, mlflow_server, tmp_path):
+    """Also tracked: on the MLflow server the sweep is a parent run with a child per element,
+    and `compare` ranks them from there as from disk."""
     sweep = tmp_path / "sweep"
-    first = cifar_job(*SWEEP, "--run-dir", str(sweep), cwd=tmp_path)
+    tracking = ["--tracker", "mlflow", "--tracking-uri", mlflow_server.uri, "--experiment", "sweep"]
+    first = cifar_job(*SWEEP, *tracking, "--run-dir", str(sweep), cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "submitted job array" in first.stdout and "4 of 4 runs" in first.stdout
+    parent = json.loads((sweep / "tracking.json").read_text())["run_id"]
+    assert f"--mlflow-run {parent}" in first.stdout
     array = first.stdout.split("submitted job array ")[1].split(":")[0]
-    again = cifar_job(*SWEEP, "--run-dir", str(sweep), cwd=tmp_path)  # a hasty second submit
+    again = cifar_job(*SWEEP, *tracking, "--run-dir", str(sweep), cwd=tmp_path)  # hasty
     assert "all 4 runs are queued or running; nothing submitted" in again.stdout, again.stdout
     plan = json.loads((sweep / "sweep.json").read_text())
     assert plan["submissions"] == [{"job": array, "elements": [0, 1, 2, 3]}]
@@ -83,12 +88,37 @@ def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, tmp_p
     png = (sweep / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name("sweep").experiment_id
+    assert len(client.search_runs([experiment])) == 5  # the parent and its four runs
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(c.info.run_name for c in children) == sorted(d.name for d in dirs)
+    for child in children:
+        element = next(e for e in plan["elements"] if e["name"] == child.info.run_name)
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["lr"]) == element["settings"]["lr"]
+        assert int(child.data.params["seed"]) == element["settings"]["seed"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    served = cifar_job(
+        "compare", "--tracking-uri", mlflow_server.uri, "--mlflow-run", parent, "--json"
+    )
+    assert served.returncode == 0, served.stderr
+    from_server = json.loads(served.stdout)
+    best = {r["name"]: r["best_val_acc"] for r in table["runs"]}
+    assert {r["name"]: r["best_val_acc"] for r in from_server["runs"]} == pytest.approx(best)
+    ranked = [r["best_val_acc"] for r in from_server["runs"]]
+    assert ranked == sorted(ranked, reverse=True)
+    for on_disk, served_group in zip(table["over_seeds"], from_server["over_seeds"]):
+        assert served_group["name"] == on_disk["name"]
+        assert served_group["mean"] == pytest.approx(on_disk["mean"])
+        assert served_group["std"] == pytest.approx(on_disk["std"])
+
     # Resubmitting the finished sweep starts nothing; after losing one element's results,
     # only that element runs again.
-    rerun = cifar_job(*SWEEP, "--run-dir", str(sweep), cwd=tmp_path)
+    rerun = cifar_job(*SWEEP, *tracking, "--run-dir", str(sweep), cwd=tmp_path)
     assert rerun.returncode == 0 and "all 4 runs have finished" in rerun.stdout, rerun.stdout
     (dirs[2] / "results.json").unlink()
-    rest = cifar_job(*SWEEP, "--run-dir", str(sweep), "--wait", cwd=tmp_path)
+    rest = cifar_job(*SWEEP, *tracking, "--run-dir", str(sweep), "--wait", cwd=tmp_path)
     assert rest.returncode == 0, rest.stdout + rest.stderr
     assert "1 of 4 runs" in rest.stdout and "lr-0.02_seed-0: test/acc" in rest.stdout
     assert (dirs[2] / "results.json").exists()

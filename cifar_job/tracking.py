@@ -1,0 +1,432 @@
+"""Tracking on an MLflow server (--tracker mlflow): one MLflow run for the life of a run
+directory, whatever stops and starts it, and never in the way of training.
+
+- One identity. The run directory's tracking.json holds the server's run id from the moment
+  the run is first created there; every later start (a requeue, a preemption, a rerun by
+  hand, another rank count) resumes that MLflow run. The run is RUNNING while a start runs,
+  KILLED or FAILED when a start ends so, FINISHED only when the run has finished; each start
+  leaves a tag cifar_job.start.NNN (its job, layout, step and how it ended): the status
+  history.
+- Nothing blocks on the network. Global rank 0's logger appends each logged dict to
+  tracking-metrics.jsonl in the run directory (one flushed line, as the CSV logger writes its
+  rows); a thread sends what is new every FLUSH_S. A server that does not answer costs one
+  warning line, and the metrics wait in that file until it answers again (at the next start
+  at the latest).
+- Every step once. Before it sends, the thread asks the server for the last step of every
+  metric, and sends only later ones: steps trained again after a hard kill, or lines a start
+  sent without living to note it, never add a second value at a step.
+- Sweeps: a sweep directory's tracking.json holds a parent run; each element's run is its
+  child (mlflow.parentRunId), named after the element.
+
+The client is mlflow-skinny (`pip install 'cifar-job[mlflow]'`, in the image): MLflow's
+REST client without the server, pandas or scikit-learn. Lightning's MLFlowLogger is not used:
+it opens a new run at every start and talks to the server in the training step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from cifar_job import OptionError, __version__
+from cifar_job.config import TrainConfig, read_json, write_json
+from cifar_job.rundir import TRACKING, TRACKING_SPOOL
+
+FLUSH_S = 2.0  # a metric reaches the server this long after it is logged
+RETRY_S = (2.0, 5.0, 15.0, 30.0)  # waits between tries while the server does not answer
+# The most a start's end waits for the server.
+END_WAIT_S = float(os.environ.get("CIFAR_JOB_TRACKING_WAIT", "30"))
+BATCH = 1000  # MLflow's limit of metrics per log_batch
+# The MLflow client retries a request for minutes by default; here a request that fails is
+# tried again by the sender, with training going on. A user's own settings win.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Lightning's status of a start's end -> MLflow's.
+STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED", "hang": "FAILED"}
+
+
+def check_client(cfg: TrainConfig) -> None:
+    """Refuse --tracker mlflow without the client installed (TrainConfig.validate has
+    checked the URI)."""
+    if cfg.tracker == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise OptionError(
+            "--tracker mlflow needs the MLflow client: pip install 'cifar-job[mlflow]' "
+            "(the image has it)"
+        )
+
+
+def describe(error: BaseException) -> str:
+    """One short line for a client error: what failed, not the client's traceback."""
+    text = str(error).strip() or type(error).__name__
+    for cause in ("Connection refused", "timed out", "No route to host"):
+        if cause in text:
+            return cause.lower()
+    if "NameResolutionError" in text or "Name or service not known" in text:
+        return "the host name is not known"
+    if "Max retries exceeded" in text or "NewConnectionError" in text:
+        return "no connection"
+    if "Unsupported" in type(error).__name__ or "filesystem tracking backend" in text:
+        return "not a tracking URI MLflow can use; give http://HOST:PORT"
+    line = text.splitlines()[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def say(message: str) -> None:
+    print(f"tracking: {message}", file=sys.stderr, flush=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A run's (or a sweep's) tracking.json: the server, experiment and run ids."""
+    return read_json(path, "the MLflow run this run logs to") if path.exists() else {}
+
+
+def client_for(uri: str) -> Any:
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created if new (by whichever of many starts comes first)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # another start created it meanwhile
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def ensure_sweep_parent(
+    client: Any, uri: str, sweep_dir: Path, experiment: str, plan: dict[str, Any]
+) -> str:
+    """The sweep's parent run id, created once: by `submit`, else by the first element that
+    reaches the server (an exclusive lock file keeps two from creating one each)."""
+    path = sweep_dir / TRACKING
+    state = read_state(path)
+    if state.get("run_id") and state.get("uri") == uri:
+        return state["run_id"]
+    lock = sweep_dir / (TRACKING + ".lock")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                lock.unlink(missing_ok=True)  # its holder died
+                continue
+            time.sleep(0.5)
+            state = read_state(path)
+            if state.get("run_id") and state.get("uri") == uri:
+                return state["run_id"]
+    try:
+        state = read_state(path)
+        if state.get("run_id") and state.get("uri") == uri:
+            return state["run_id"]
+        from mlflow.entities import Param, RunTag
+
+        exp = experiment_id(client, experiment)
+        run = client.create_run(exp, run_name=sweep_dir.name, tags={"cifar_job.sweep": "parent"})
+        run_id = run.info.run_id
+        grid = {k: json.dumps(v) for k, v in plan.get("grid", {}).items()}
+        params = [Param(f"sweep.{k}", v[:6000]) for k, v in grid.items()]
+        params.append(Param("sweep.seeds", json.dumps(plan.get("seeds", []))))
+        client.log_batch(
+            run_id,
+            params=params,
+            tags=[
+                RunTag("cifar_job.sweep_dir", str(sweep_dir.resolve())),
+                RunTag("cifar_job.elements", str(len(plan.get("elements", [])))),
+            ],
+        )
+        write_json(path, {"uri": uri, "experiment_id": exp, "run_id": run_id})
+        return run_id
+    finally:
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+
+
+class MlflowTracker(Logger):
+    """Lightning's side: append what is logged to the spool. The sender thread's side: the
+    server. Only global rank 0 calls begin() and end(); the other ranks' logger does nothing
+    (Lightning calls loggers on rank 0 only)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.uri, self.experiment = str(cfg.tracking_uri), cfg.experiment
+        self.state_path = self.run_dir / TRACKING
+        self.spool_path = self.run_dir / TRACKING_SPOOL
+        self.state = read_state(self.state_path)
+        self._spool: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._client: Any = None
+        self._run_id: str | None = None
+        self._marks: dict[str, int] = {}  # the server's last step of each metric
+        self._offset = 0  # how far the spool has been read
+        self._down: str | None = None  # why the server did not answer, while it does not
+        self._start: dict[str, Any] | None = None
+        self._end: tuple[str, str, list[Path]] | None = None
+        self.sent = 0  # metric values sent by this start (for tests and the last line)
+
+    # --- Lightning's logger API (the training loop's thread: a file append, no network)
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.state.get("run_id") or ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the whole TrainConfig is logged as params when the MLflow run is created
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._spool is None:
+            return  # not begun: a rank other than 0
+        values = {k: float(v) for k, v in metrics.items()}
+        line = {"s": int(step or 0), "t": int(time.time() * 1000), "m": values}
+        self._spool.write(json.dumps(line) + "\n")
+        self._spool.flush()
+
+    # --- the start's side
+
+    def begin(self, start: dict[str, Any] | None) -> None:
+        """Open the spool and start sending (global rank 0). `start` describes this start:
+        its number, Slurm job, layout and step; None only sends what waits (a rerun of a
+        finished run)."""
+        self._start = start
+        self._spool = open(self.spool_path, "a")  # noqa: SIM115 (closed by end())
+        self._thread = threading.Thread(target=self._send_loop, name="cifar-job-tracking")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def end(
+        self,
+        reason: str,
+        message: str | None = None,
+        artifacts: Iterable[Path] = (),
+        wait_s: float = END_WAIT_S,
+    ) -> None:
+        """Send what is left, the artifacts and the status of how this start ended, waiting
+        at most wait_s for the server."""
+        if self._thread is None:
+            return
+        wait_s = END_WAIT_S if wait_s is None else wait_s
+        self._end = (reason, message or "", [Path(a) for a in artifacts])
+        self._stop.set()
+        self._thread.join(wait_s)
+        if self._thread.is_alive() and self._down is None:  # else it has been said
+            say(
+                f"{self.uri} did not take this start's end in {wait_s:.0f} s; what is left "
+                f"waits in {self.spool_path} for the next start"
+            )
+        self._thread = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def abort(self, reason: str, message: str | None) -> None:
+        """end() for a process that is about to exit at once (the watchdog): a short wait."""
+        self.end(reason, message, wait_s=5.0)
+
+    # --- the sender thread
+
+    def _send_loop(self) -> None:
+        failures = 0
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                if self._run_id is None:
+                    self._connect()
+                elif self._down is not None:
+                    self._marks = self._last_steps()  # what a failed request may have sent
+                self._send_new()
+                if self._down is not None:
+                    say(f"{self.uri} answers again; the metrics that waited are sent")
+                    self._down = None
+                failures = 0
+                if stopping:
+                    self._finish()
+                    return
+            except Exception as e:  # whatever the server or the network did: training goes on
+                why = describe(e)
+                if self._down is None:
+                    say(
+                        f"{self.uri} does not take the run ({why}); training goes on, and "
+                        f"the metrics wait in {self.spool_path} until it does"
+                    )
+                self._down = why
+                if stopping:
+                    return
+                failures += 1
+                self._stop.wait(RETRY_S[min(failures, len(RETRY_S)) - 1])
+                continue
+            self._stop.wait(FLUSH_S)
+
+    def _connect(self) -> None:
+        """Find (or create) this run directory's MLflow run, learn the last step of each of
+        its metrics, mark it RUNNING and tag this start."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        client = self._client or client_for(self.uri)
+        self._client = client
+        run_id = self.state.get("run_id") if self.state.get("uri") == self.uri else None
+        if run_id is not None:
+            try:
+                client.get_run(run_id)
+            except MlflowException as e:
+                if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                say(f"the run {run_id} is not on {self.uri} (deleted?); a new run is made")
+                run_id = None
+        made = run_id is None
+        if run_id is None:
+            run_id = self._create(client)
+        client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self._start_tags().items()])
+        self._run_id = run_id
+        self._marks, self._offset = self._last_steps(), 0
+        say(f"{'new' if made else 'resumed'} MLflow run {run_id} on {self.uri}")
+
+    def _last_steps(self) -> dict[str, int]:
+        """The server's last step of each of the run's metrics."""
+        client, run_id = self._client, self._run_id
+        return {
+            key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in client.get_run(run_id).data.metrics
+        }
+
+    def _create(self, client: Any) -> str:
+        """A new MLflow run for this run directory, its settings as params; its id saved."""
+        from mlflow.entities import Param
+
+        tags = {"cifar_job.run_dir": str(self.run_dir.resolve()), "cifar_job.version": __version__}
+        sweep_dir = self.run_dir.parent
+        plan_path = sweep_dir / "sweep.json"
+        if plan_path.exists():
+            plan = read_json(plan_path, "the sweep's plan")
+            parent = ensure_sweep_parent(client, self.uri, sweep_dir, self.experiment, plan)
+            tags["mlflow.parentRunId"] = parent
+            element = next(
+                (e for e in plan["elements"] if Path(e["run_dir"]).name == self.run_dir.name),
+                None,
+            )
+            if element is not None:
+                tags["cifar_job.settings"] = json.dumps(element["settings"])
+        exp = experiment_id(client, self.experiment)
+        run = client.create_run(exp, run_name=self.run_dir.name, tags=tags)
+        run_id = run.info.run_id
+        self.state = {"uri": self.uri, "experiment_id": exp, "run_id": run_id}
+        write_json(self.state_path, self.state)  # before anything else: one identity
+        params = [Param(k, str(v)[:6000]) for k, v in self.cfg.to_dict().items()]
+        for i in range(0, len(params), 100):  # MLflow's limit of params per batch
+            client.log_batch(run_id, params=params[i : i + 100])
+        return run_id
+
+    def _start_tags(self, ended: str | None = None) -> dict[str, str]:
+        s = self._start
+        if s is None:
+            return {}
+        text = (
+            f"job {s.get('job') or '-'} on {s.get('host')}: {s.get('layout')}, "
+            f"from step {s.get('step') or 0}"
+        )
+        if ended:
+            text += f"; ended {ended}"
+        tags = {f"cifar_job.start.{int(s.get('number', 0)):03d}": text}
+        if not ended:
+            tags |= {
+                "cifar_job.starts": str(s.get("number", 0)),
+                "cifar_job.layout": str(s.get("layout")),
+                "cifar_job.image": str(s.get("image") or "none (host)"),
+                "cifar_job.version": __version__,
+                "slurm.job_id": str(s.get("job") or "-"),
+                "slurm.job_ids": ",".join(s.get("jobs") or []) or "-",
+            }
+        return tags
+
+    def _send_new(self) -> None:
+        """Send the spool's new lines: each metric's steps after the server's last one."""
+        from mlflow.entities import Metric
+
+        try:
+            with open(self.spool_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        whole = data[: data.rfind(b"\n") + 1]  # a line being written waits for next time
+        batch: list[Any] = []
+        marks = dict(self._marks)
+        for raw in whole.splitlines():
+            try:
+                line = json.loads(raw)
+                step, stamp, values = int(line["s"]), int(line["t"]), dict(line["m"])
+            except (ValueError, KeyError, TypeError):
+                continue  # the line a kill cut short
+            for key, value in values.items():
+                if step <= marks.get(key, -1):
+                    continue
+                marks[key] = step
+                batch.append(Metric(key, float(value), stamp, step))
+        for i in range(0, len(batch), BATCH):
+            self._client.log_batch(self._run_id, metrics=batch[i : i + BATCH])
+            for m in batch[i : i + BATCH]:
+                self._marks[m.key] = max(self._marks.get(m.key, -1), m.step)
+            self.sent += len(batch[i : i + BATCH])
+        self._offset += len(whole)
+
+    def _finish(self) -> None:
+        """The start's end: its artifacts, its tag, the run's status."""
+        from mlflow.entities import RunTag
+
+        assert self._end is not None
+        reason, message, artifacts = self._end
+        status = STATUS.get(reason, "FAILED")
+        ended = f"{status} ({reason}{': ' + message if message else ''})"
+        tags = {**self._start_tags(ended), "cifar_job.exit": ended[:5000]}
+        self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        for path in artifacts:
+            if path.is_file():
+                folder = "checkpoints" if path.suffix == ".ckpt" else None
+                self._client.log_artifact(self._run_id, str(path), folder)
+        self._client.set_terminated(self._run_id, status)
+        if status == "FINISHED":
+            self._finish_sweep()
+
+    def _finish_sweep(self) -> None:
+        """The sweep's parent is FINISHED once every element has finished."""
+        from cifar_job.sweep import is_finished, read_plan
+
+        sweep_dir = self.run_dir.parent
+        plan = read_plan(sweep_dir) if (sweep_dir / "sweep.json").exists() else None
+        parent = read_state(sweep_dir / TRACKING).get("run_id")
+        if plan and parent and all(is_finished(e) for e in plan["elements"]):
+            self._client.set_terminated(parent, "FINISHED")
+
+
+def make_tracker(run_dir: Path, cfg: TrainConfig) -> MlflowTracker | None:
+    return MlflowTracker(run_dir, cfg) if cfg.tracker == "mlflow" else None
