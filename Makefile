@@ -75,6 +75,7 @@ bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench
 	$(PY) bench/watchdog_cost.py 2>/dev/null | tail -n 1
 	$(PY) bench/agreement_cost.py --one-rank 2>/dev/null | grep '^agreement'
 	$(PY) bench/agreement_cost.py 2>/dev/null | grep '^agreement'
+	$(PY) bench/tracking_cost.py 2>/dev/null
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
 
