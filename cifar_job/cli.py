@@ -522,6 +522,8 @@ def status(run_dir: str, as_json: bool) -> None:
     )
     for key, value in sorted(info["metrics"].items()):
         click.echo(f"  {key} {value:.4f}")
+    if info.get("tracking"):
+        click.echo(f"  MLflow run {info['tracking']['run_id']} on {info['tracking']['uri']}")
     if info.get("checkpoint_problem"):
         click.echo(f"  warning: {info['checkpoint_problem']}")
 
@@ -547,8 +549,8 @@ def doctor(
 
     Run it the way training will run, e.g. `srun cifar-job doctor --devices 4` inside the
     allocation, to catch a task/device mismatch, a missing srun, a missing --signal, a small
-    /dev/shm, missing data or an MLflow server this node cannot reach before the real job
-    starts.
+    /dev/shm, tasks that start more threads than their CPUs, missing data or an MLflow
+    server this node cannot reach before the real job starts.
     """
     from cifar_job.doctor import Check, checks, environment
 
@@ -562,7 +564,8 @@ def doctor(
     except OptionError as e:
         found = [Check("options", False, str(e))]
     for check in found:
-        click.echo(f"{'ok' if check.ok else 'FAIL':>6}  {check.name}: {check.detail}")
+        mark = "FAIL" if not check.ok else "WARN" if check.warn else "ok"
+        click.echo(f"{mark:>6}  {check.name}: {check.detail}")
     if not all(check.ok for check in found):
         raise click.ClickException("some checks failed; see above for the fixes")
 

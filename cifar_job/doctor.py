@@ -19,6 +19,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warn: bool = False  # ok, but worth fixing: shown as WARN, does not fail doctor
 
 
 def environment() -> dict[str, Any]:
@@ -169,10 +170,42 @@ def checks(
             ),
         )
     )
+    found.append(binding_check())
     found.append(data_check(data_dir, dataset))
     if tracking_uri:
         found.append(tracking_check(tracking_uri))
     return found
+
+
+def binding_check() -> Check:
+    """The CPUs this task may run on, the threads training would start in it, and whether a
+    node's tasks would start more threads than its cores."""
+    from cifar_job.slurm import in_srun_step, task_cpus, tasks_per_node
+
+    visible, node = len(os.sched_getaffinity(0)), os.cpu_count() or 1
+    tasks = tasks_per_node() if in_srun_step() else 1
+    given = task_cpus()
+    user = os.environ.get("OMP_NUM_THREADS", "")
+    # What train does: the user's OMP_NUM_THREADS, else Slurm's CPUs per task, else
+    # Lightning's share of the visible CPUs.
+    threads = int(user) if user.isdigit() else given or max(1, visible // tasks)
+    bound = visible < node
+    detail = (
+        f"this task may run on {visible} of the node's {node} CPUs "
+        f"({'bound' if bound else 'not bound'}); Slurm gave it "
+        f"{given if given else 'no count of'} CPUs; training runs {threads} thread(s) a task, "
+        f"{tasks} task(s) a node"
+    )
+    over = threads > visible if bound else tasks * threads > node
+    if not over:
+        return Check("binding", True, detail)
+    return Check(
+        "binding",
+        True,
+        f"{detail}: more than the {visible if bound else node} CPUs they share, which slows "
+        "every task. Ask for --cpus-per-task (threads follow it), or lower OMP_NUM_THREADS",
+        warn=True,
+    )
 
 
 def tracking_check(uri: str) -> Check:

@@ -13,7 +13,10 @@
 #   own decision stands: it requeues a preempted job (PreemptMode=REQUEUE, at the end of
 #   GraceTime) and a requeued one, and a cancelled one ends CANCELLED. Under preemption only
 #   the tasks are signalled; had this script exited then, Slurm would have recorded the job
-#   as FAILED (or COMPLETED, for status 0) and never requeued it.
+#   as FAILED (or COMPLETED, for status 0) and never requeued it. One exception: preempted
+#   in a partition whose PreemptMode is REQUEUE, with the save whole, the script requeues the
+#   job at once, which is what Slurm would do at the end of GraceTime: the nodes go to the
+#   preempting job now instead of idling (CANCEL and SUSPEND keep the wait).
 #
 #   a hang (a rank stopped making progress, cifar_job/watchdog.py): the ranks' watchdogs end
 #   the step with a marker that asks for a requeue (and, with --exclude-hung-node, names the
@@ -91,7 +94,7 @@ cifar_job_after_step() {
     cifar_job_slurm_is_ending_job; }; then
     echo "cifar-job: job ${SLURM_JOB_ID} was stopped (preemption, cancel, requeue or SIGTERM)" \
       "$(cifar_job_saved "$marker" "$kind"); waiting for Slurm to end it"
-    if cifar_job_wait_for_slurm; then
+    if cifar_job_wait_for_slurm "$marker"; then
       return "$rc" # Slurm ends the job and decides whether it runs again
     fi
     # A SIGTERM that Slurm does not follow (scancel --signal=TERM, a health checker): the
@@ -122,10 +125,12 @@ cifar_job_saved() {
   fi
 }
 
-# cifar_job_wait_for_slurm: after a SIGTERM, whether Slurm is ending the job (preempting,
-# cancelling or requeueing it). If so, wait for its SIGKILL, at the end of GraceTime or
-# KillWait (an hour is only a backstop). Slurm marks the job before it signals it; the window
-# (CIFAR_JOB_SLURM_WINDOW, 30 s) leaves room for a slow controller.
+# cifar_job_wait_for_slurm MARKER: after a SIGTERM, whether Slurm is ending the job
+# (preempting, cancelling or requeueing it). If so, wait for its SIGKILL, at the end of
+# GraceTime or KillWait (an hour is only a backstop), unless a preemption that Slurm would
+# answer with a requeue can be requeued now (cifar_job_requeue_preempted). Slurm marks the job
+# before it signals it; the window (CIFAR_JOB_SLURM_WINDOW, 30 s) leaves room for a slow
+# controller.
 cifar_job_wait_for_slurm() {
   local waited=0
   while ! cifar_job_slurm_is_ending_job; do
@@ -133,8 +138,35 @@ cifar_job_wait_for_slurm() {
     sleep 2
     waited=$((waited + 2))
   done
+  if cifar_job_requeue_preempted "$1"; then return 0; fi
   for _ in $(seq 1800); do sleep 2; done
   return 0
+}
+
+# cifar_job_preempt_mode: the PreemptMode of the partition this job runs in, as Slurm says it
+# (REQUEUE, CANCEL, SUSPEND, GANG,SUSPEND, OFF), or nothing.
+cifar_job_preempt_mode() {
+  scontrol show partition -o "${SLURM_JOB_PARTITION:-}" 2>/dev/null |
+    sed -n 's/.* PreemptMode=\([^ ]*\).*/\1/p'
+}
+
+# cifar_job_requeue_preempted MARKER: requeue the job now if Slurm is preempting it (it still
+# runs, with a PreemptTime: not a cancel, not an admin's requeue), its partition's PreemptMode
+# is REQUEUE (Slurm would requeue it at the end of GraceTime) and the save is whole.
+cifar_job_requeue_preempted() {
+  local info mode
+  grep -qE '"saved": *true' "$1" 2>/dev/null || return 1
+  info=$(scontrol show job -o "${SLURM_JOB_ID}" 2>/dev/null) || return 1
+  case "$info" in
+    *"JobState=RUNNING "*"PreemptTime=None"*) return 1 ;;
+    *"JobState=RUNNING "*"PreemptTime="*) ;;
+    *) return 1 ;;
+  esac
+  mode=$(cifar_job_preempt_mode)
+  [ "$mode" = REQUEUE ] || return 1
+  echo "cifar-job: preempted, and the save is whole: requeueing job ${SLURM_JOB_ID} now, as" \
+    "Slurm would at the end of GraceTime (its partition's PreemptMode=REQUEUE); the nodes are free"
+  scontrol requeue "${SLURM_JOB_ID}"
 }
 
 # cifar_job_requeue MARKER: `scontrol requeue`, at most MAX_REQUEUES times a job, away from the

@@ -78,6 +78,32 @@ def tasks_per_node() -> int:
     return 1
 
 
+def task_cpus() -> int | None:
+    """The CPUs Slurm gave this task (--cpus-per-task), or None outside an srun step or
+    where the job did not ask for a number."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(cpus) if in_srun_step() and cpus.isdigit() and int(cpus) > 0 else None
+
+
+def size_threads() -> int | None:
+    """Give torch as many intra-op threads as Slurm gave this task CPUs, unless the user set
+    OMP_NUM_THREADS; returns the number set, or None.
+
+    Without it each task starts a thread per core it can see: without binding, every core of
+    the node, so N tasks on a node run N times too many threads (Lightning divides the cores
+    it sees among a node's tasks, but two tasks of one CPU each on nodes of 2 cores still
+    ran 2 threads each). Where Slurm binds tasks, the count it passes is the mask's size.
+    """
+    cpus = task_cpus()
+    if cpus is None or "OMP_NUM_THREADS" in os.environ:
+        return None
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(cpus)  # also what Lightning's launcher then keeps
+    torch.set_num_threads(cpus)
+    return cpus
+
+
 # The image (docker/Dockerfile) writes its version and revision here; nothing else does.
 IMAGE_MARKER = Path("/etc/cifar-job/image.json")
 

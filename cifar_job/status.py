@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cifar_job.rundir import MANIFEST, RESULTS
+from cifar_job.rundir import MANIFEST, RESULTS, TRACKING
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -43,6 +43,9 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
         status["state"] = slurm_state(job_id) if job_id else "stopped (not running under Slurm)"
         status["metrics"] = last_metrics(metrics_files(run_dir))
     status["job_id"] = job_id
+    tracking = run_dir / TRACKING
+    if tracking.exists():  # --tracker mlflow: where the run is on the server
+        status["tracking"] = read_json(tracking, "the MLflow run this run logs to")
     return status
 
 

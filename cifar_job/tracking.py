@@ -185,7 +185,6 @@ class MlflowTracker(Logger):
         self._down: str | None = None  # why the server did not answer, while it does not
         self._start: dict[str, Any] | None = None
         self._end: tuple[str, str, list[Path]] | None = None
-        self.sent = 0  # metric values sent by this start (for tests and the last line)
 
     # --- Lightning's logger API (the training loop's thread: a file append, no network)
 
@@ -227,10 +226,10 @@ class MlflowTracker(Logger):
         reason: str,
         message: str | None = None,
         artifacts: Iterable[Path] = (),
-        wait_s: float = END_WAIT_S,
+        wait_s: float | None = None,
     ) -> None:
         """Send what is left, the artifacts and the status of how this start ended, waiting
-        at most wait_s for the server."""
+        at most wait_s (END_WAIT_S) for the server."""
         if self._thread is None:
             return
         wait_s = END_WAIT_S if wait_s is None else wait_s
@@ -396,7 +395,6 @@ class MlflowTracker(Logger):
             self._client.log_batch(self._run_id, metrics=batch[i : i + BATCH])
             for m in batch[i : i + BATCH]:
                 self._marks[m.key] = max(self._marks.get(m.key, -1), m.step)
-            self.sent += len(batch[i : i + BATCH])
         self._offset += len(whole)
 
     def _finish(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from cifar_job import (
@@ -32,7 +33,7 @@ from cifar_job.config import (
 from cifar_job.loader import CIFAR10DataModule
 from cifar_job.module import CifarClassifier
 from cifar_job.rundir import CONFIG, CURVES, MANIFEST, RESULTS, Lease
-from cifar_job.slurm import check_container, job_id, running_image
+from cifar_job.slurm import check_container, job_id, running_image, size_threads
 from cifar_job.trainer import build_trainer, end_process_group
 from cifar_job.watchdog import Watchdog, node_name
 
@@ -45,6 +46,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     cfg.validate()
     tracking.check_client(cfg)
     check_container()  # a job meant for a container never trains on the host
+    size_threads()  # one thread per CPU Slurm gave the task, not per core of the node
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
     run_dir = open_run_dir(cfg)
     # One job writes a run directory at a time: rank 0 holds the lease for all its ranks.
@@ -129,7 +131,8 @@ def fit_and_test(
         kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
         layout = (
             f"{run_dir}: {nodes * devices} process(es) on {nodes} node(s) x {devices} {kind} "
-            f"device(s), global batch {cfg.batch_size}"
+            f"device(s), {torch.get_num_threads()} CPU thread(s) each, global batch "
+            f"{cfg.batch_size}"
         )
         if resume_from:
             layout += f"; resuming from {Path(resume_from).name} at step {resume_step}"
@@ -255,7 +258,7 @@ def final_artifacts(run_dir: Path, cfg: TrainConfig, results: dict[str, Any]) ->
     paths = [run_dir / RESULTS]
     try:
         paths.append(plot_run(run_dir, run_dir / CURVES))
-    except CifarJobError as e:
+    except Exception as e:  # a plot is never worth failing a finished run for
         print(f"tracking: no {CURVES}: {e}", file=sys.stderr, flush=True)
     if cfg.log_model and results.get("best_checkpoint"):
         paths.append(Path(results["best_checkpoint"]))

@@ -129,9 +129,24 @@ def assert_no_rank_left(run_dir: Path) -> None:
     raise AssertionError(f"processes still running for {run_dir}: {out.stdout}")
 
 
-def preempt(cwd: Path) -> None:
-    """A job in the `high` partition that needs both nodes whole: Slurm preempts `low`."""
-    sbatch("-p", "high", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1", cwd=cwd)
+def preempt(cwd: Path) -> str:
+    """A job in the `high` partition that needs both nodes whole: Slurm preempts `low`.
+    Returns its job id."""
+    return sbatch(
+        "-p", "high", "-N2", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 1", cwd=cwd
+    )
+
+
+def seconds_to_start(job_id: str) -> int:
+    """How long the job waited from its submission to its start (whole seconds, as Slurm
+    keeps them): for a `preempt` job, the time until the preempted job gave its nodes up."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    times = dict(re.findall(r"(SubmitTime|StartTime)=(\S+)", out.stdout))
+    submit, start = (
+        time.mktime(time.strptime(times[k], "%Y-%m-%dT%H:%M:%S"))
+        for k in ("SubmitTime", "StartTime")
+    )
+    return int(start - submit)
 
 
 def saved_steps(log: str) -> list[int]:

@@ -30,6 +30,7 @@ from slurmjobs import (
     resumed_steps,
     saved_steps,
     sbatch,
+    seconds_to_start,
     wait_done,
     wait_for_step,
     wait_for_text,
@@ -42,6 +43,7 @@ TOTAL = 2 * STEPS_PER_EPOCH
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
 TEMPLATE = str(REPO / "slurm/ddp_4gpu.sh")
 MULTINODE = str(REPO / "slurm/ddp_multinode.sh")
+GRACE_TIME = 10  # seconds, the `low` partition's (tests/cluster/start.sh)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -111,11 +113,11 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(
     tracking = ("--tracker", "mlflow", "--tracking-uri", mlflow_server.uri)
     tracking += ("--experiment", "preempted-twice")
     job, log = submit_template(tmp_path, run_dir, "-p", "low", train=tracking)
-    at = random_steps(2, gap=8)
+    at, preemptors = random_steps(2, gap=8), []
     for start, step in enumerate(at, 1):
         # Logs are appended across requeues: only this start's lines count.
         wait_for_step(log.name, tmp_path, step, after=f"start {start} on")
-        preempt(tmp_path)
+        preemptors.append(preempt(tmp_path))
     assert wait_done(job, timeout=400) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     saved = saved_steps(text)
@@ -124,9 +126,14 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(
     assert resumed_steps(run_dir) == [None, *saved], text[-3000:]
     assert ckpt_step(run_dir) == TOTAL
     assert_same_weights(run_dir, reference)
-    # Slurm requeued it itself (PreemptMode=REQUEUE): the script asked for no requeue.
-    assert text.count("waiting for Slurm to end it") == 2 and "requeueing job" not in text
-    assert not (run_dir / "requeues.log").exists()
+    # PreemptMode=REQUEUE: once the save was whole the script requeued the job as Slurm
+    # would have at the end of GraceTime, so the preempting job had the nodes well before.
+    assert text.count("waiting for Slurm to end it") == 2
+    assert text.count("preempted, and the save is whole: requeueing job") == 2
+    assert "of at most" not in text and not (run_dir / "requeues.log").exists()
+    waits = [seconds_to_start(j) for j in preemptors]
+    print(f"preemption to nodes free: {waits} s (GraceTime {GRACE_TIME} s)")
+    assert all(w < GRACE_TIME for w in waits), waits
     assert_no_rank_left(run_dir)
 
     # One MLflow run for the three starts, each step once with the CSV's values; its status
@@ -171,7 +178,8 @@ def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(
     assert len(saved) == 2 and resumed_steps(run_dir) == [None, *saved], text[-3000:]
     assert ckpt_step(run_dir) == TOTAL
     assert_same_weights(run_dir, reference_two_nodes)
-    assert "requeueing job" not in text
+    assert text.count("preempted, and the save is whole: requeueing job") == 2
+    assert "of at most" not in text  # no requeue of the script's own (a time limit's)
     assert_no_rank_left(run_dir)
     info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
     assert info["state"] == "finished" and info["restarts"] == 2

@@ -23,7 +23,7 @@ PREEMPTED = "JobId=7 JobState=RUNNING Reason=None PreemptTime=2026-12-01T10:00:0
 class Job:
     """A batch job that sources requeue.sh and runs one step, with Slurm stood in for."""
 
-    def __init__(self, tmp: Path, state: str = RUNNING) -> None:
+    def __init__(self, tmp: Path, state: str = RUNNING, preempt_mode: str = "CANCEL") -> None:
         self.tmp, self.run_dir = tmp, tmp / "run"
         self.run_dir.mkdir()
         stubs = tmp / "bin"
@@ -31,10 +31,15 @@ class Job:
         for tool in ("scontrol", "scancel"):
             (stubs / tool).write_text(
                 f'#!/bin/sh\necho "{tool} $*" >> "$STUB/calls"\n'
-                f'[ "{tool} $1 $2" = "scontrol show job" ] && cat "$STUB/job"\nexit 0\n'
+                f'[ "{tool} $1 $2" = "scontrol show job" ] && cat "$STUB/job"\n'
+                f'[ "{tool} $1 $2" = "scontrol show partition" ] && cat "$STUB/partition"\n'
+                "exit 0\n"
             )
             (stubs / tool).chmod(0o755)
         (tmp / "job").write_text(state + "\n")
+        (tmp / "partition").write_text(
+            f"PartitionName=low GraceTime=30 PreemptMode={preempt_mode} State=UP\n"
+        )
         self.env = {
             **os.environ,
             "PATH": f"{stubs}:{os.environ['PATH']}",
@@ -42,6 +47,7 @@ class Job:
             "RUN_DIR": str(self.run_dir),
             "SLURM_JOB_ID": "7",
             "SLURM_JOB_NODELIST": "n1",
+            "SLURM_JOB_PARTITION": "low",
             "CIFAR_JOB_SLURM_WINDOW": "2",
         }
 
@@ -116,18 +122,34 @@ def test_a_hang_requeues_away_from_the_node_it_names(tmp_path):
     ]
 
 
-def test_a_sigterm_that_slurm_follows_leaves_the_decision_to_slurm(tmp_path):
-    """Preemption: the ranks saved and exited 143; Slurm requeues the job at the end of
-    GraceTime, so the script waits for its SIGKILL and asks for nothing."""
-    job = Job(tmp_path, state=PREEMPTED)
-    proc = job.start(f"{job.marker('wait', signal='SIGTERM', saved=True)}; exit 143")
+@pytest.mark.parametrize(
+    ("mode", "saved"), [("CANCEL", True), ("GANG,SUSPEND", True), ("REQUEUE", False)]
+)
+def test_a_sigterm_that_slurm_follows_leaves_the_decision_to_slurm(mode, saved, tmp_path):
+    """Preemption where Slurm cancels or suspends, or a save that is not whole: the script
+    waits for Slurm's SIGKILL at the end of GraceTime and asks for nothing."""
+    job = Job(tmp_path, state=PREEMPTED, preempt_mode=mode)
+    proc = job.start(f"{job.marker('wait', signal='SIGTERM', saved=saved)}; exit 143")
     assert proc.stdout is not None
     lines = [proc.stdout.readline(), proc.stdout.readline()]
-    assert "waiting for Slurm to end it" in lines[1] and "after the run saved" in lines[1]
+    assert "waiting for Slurm to end it" in lines[1]
+    assert ("after the run saved" in lines[1]) == saved
     time.sleep(3)  # longer than the window: Slurm is ending it, so the script keeps waiting
     assert proc.poll() is None and not job.requeued()
     proc.kill()  # Slurm's SIGKILL
     proc.wait()
+
+
+def test_a_preemption_that_slurm_would_requeue_is_requeued_at_once(tmp_path):
+    """PreemptMode=REQUEUE and a whole save: Slurm would requeue the job at the end of
+    GraceTime, so the script does it now and the nodes go to the preempting job."""
+    job = Job(tmp_path, state=PREEMPTED, preempt_mode="REQUEUE")
+    started = time.monotonic()
+    code, out = job.run(f"{job.marker('wait', signal='SIGTERM', saved=True)}; exit 143")
+    assert job.requeued() and time.monotonic() - started < 10, out
+    assert "preempted, and the save is whole: requeueing job 7 now" in out
+    assert "scontrol show partition -o low" in job.calls()
+    assert not (job.run_dir / "requeues.log").exists()  # Slurm's requeue, not a time limit's
 
 
 def test_a_sigterm_that_slurm_does_not_follow_requeues_instead_of_idling(tmp_path):

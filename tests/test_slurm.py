@@ -64,6 +64,8 @@ def test_sbatch_multinode_template_runs_two_nodes(cluster, tmp_path):
     assert wait_done(job) == "COMPLETED", log_path.read_text()
     log = log_path.read_text()
     assert "on n[1-2]" in log and ": 2 process(es) on 2 node(s) x 1 cpu" in log
+    # --cpus-per-task=1: one thread a task, not one per core of the node.
+    assert "device(s), 1 CPU thread(s) each" in log
     assert ckpt_step(run_dir) == STEPS_PER_EPOCH
     assert "test/acc " in log
 
@@ -160,14 +162,14 @@ def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
         "cpu",
         *TRAIN,
         "--max-epochs",
-        "1",
+        "2",
         "--run-dir",
         str(run_dir),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     job = result.stdout.split("submitted job ")[1].split()[0]
-    wait_for_text(f"submitit/{job}_0_log.out", run_dir, "step 8/")
+    wait_for_text(f"submitit/{job}_0_log.out", run_dir, "step 3/")
     running = cifar_job("status", str(run_dir))
     assert "running (job" in running.stdout
     # submitit asks Slurm for --signal=USR2@90: the same signal, sent now, to every task.
@@ -176,8 +178,9 @@ def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
     logs = "".join(p.read_text() for p in (run_dir / "submitit").glob(f"{job}_*_log.*"))
     assert "requeueing job" in logs
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
-    assert len(starts) == 2 and 8 <= starts[1]["step"] < STEPS_PER_EPOCH
-    assert ckpt_step(run_dir) == STEPS_PER_EPOCH
+    # Resumed where the stop saved: not from scratch, not the end.
+    assert len(starts) == 2 and 3 <= starts[1]["step"] < 2 * STEPS_PER_EPOCH
+    assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH
     assert json.loads((run_dir / "decision.json").read_text())["action"] == "finished"
     assert_no_rank_left(run_dir)
     info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
@@ -213,6 +216,19 @@ def test_doctor_catches_ntasks_devices_mismatch(cluster, tmp_path):
     assert good.returncode == 0, good.stdout + good.stderr
     node = good.stdout.split("nodes: ")[1].split()[0]  # n1 or n2, whichever Slurm chose
     assert f"master_addr: {node}" in good.stdout and "ok  srun" in good.stdout
+    # The binding: each task was given 1 CPU, so training runs 1 thread in each.
+    assert "ok  binding: " in good.stdout and "Slurm gave it 1 CPUs" in good.stdout
+    assert "training runs 1 thread(s) a task, 2 task(s) a node" in good.stdout
+    # A user's OMP_NUM_THREADS wins, and doctor warns that the tasks then oversubscribe.
+    crowded = subprocess.run(
+        [*srun, "--devices", "2", "--num-workers", "0"],
+        capture_output=True,
+        text=True,
+        env=job_env(OMP_NUM_THREADS="8"),
+        cwd=tmp_path,
+    )
+    assert crowded.returncode == 0, crowded.stdout + crowded.stderr  # a warning, not a failure
+    assert "WARN  binding: " in crowded.stdout and "8 thread(s) a task" in crowded.stdout
 
 
 def test_training_refuses_devices_that_contradict_the_allocation(cluster, tmp_path):

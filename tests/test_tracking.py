@@ -136,6 +136,8 @@ def test_a_server_that_dies_and_a_hard_kill_leave_one_run_with_each_step_once(
     assert "ended" not in tags["cifar_job.start.001"]  # killed: it could say nothing
     assert json.loads(run.data.params["max_epochs"]) == 2
     assert run.data.params["tracker"] == "mlflow"
+    status = cifar_job("status", str(run_dir))
+    assert f"MLflow run {first_id} on {server.uri}" in status.stdout
 
 
 # An experiment name is any text: the DDP run uses one with odd characters.
