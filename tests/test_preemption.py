@@ -1,8 +1,9 @@
 """Every way a real cluster stops a job, done for real on the local Slurm cluster, which is set
 up as production clusters are (tests/cluster/start.sh): preemption by a higher partition
-(SIGTERM, GraceTime, Slurm's own requeue), an admin's `scontrol requeue`, `scancel`, and a
-node going down. Each run is compared with one uninterrupted run of the same training: it
-must end at the same step with bitwise-identical weights."""
+(SIGTERM, GraceTime, a requeue), an admin's `scontrol requeue`, `scancel`, and a node going
+down. Each run is compared with one uninterrupted run of the same training by the same
+template: it must end at the same step with bitwise-identical weights. The uninterrupted
+runs are the templates' own tests too (one trained run each, shared)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,10 +52,20 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
-    got = weights(run_dir)
-    different = [name for name in reference if not torch.equal(reference[name], got[name])]
-    assert got.keys() == reference.keys() and not different, f"{len(different)} tensors differ"
+@dataclass
+class Uninterrupted:
+    """A run trained whole by a template: the weights every stopped run must end with, and
+    the run itself, which is also the template's own test (see the first tests below)."""
+
+    weights: dict[str, torch.Tensor]
+    run_dir: Path
+    log: str
+
+
+def assert_same_weights(run_dir: Path, reference: Uninterrupted) -> None:
+    got, expected = weights(run_dir), reference.weights
+    different = [name for name in expected if not torch.equal(expected[name], got[name])]
+    assert got.keys() == expected.keys() and not different, f"{len(different)} tensors differ"
 
 
 def random_steps(count: int, gap: int) -> list[int]:
@@ -82,27 +94,42 @@ def submit_template(
     return job, tmp_path / f"slurm-cifar-job-{job}.out"
 
 
-def uninterrupted(tmp: Path, *layout_and_template: str) -> dict[str, torch.Tensor]:
-    """The weights of the training run whole, in the never-preempted `debug` partition."""
+def uninterrupted(tmp: Path, *layout_and_template: str) -> Uninterrupted:
+    """The training run whole, in the never-preempted `debug` partition."""
     job = sbatch(*layout_and_template, *RUN, cwd=tmp, RUN_DIR=str(tmp / "run"))
-    assert wait_done(job) == "COMPLETED", (tmp / f"slurm-cifar-job-{job}.out").read_text()
+    log = (tmp / f"slurm-cifar-job-{job}.out").read_text
+    assert wait_done(job) == "COMPLETED", log()
     assert ckpt_step(tmp / "run") == TOTAL
-    return weights(tmp / "run")
+    return Uninterrupted(weights(tmp / "run"), tmp / "run", log())
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """1 node x 2 tasks, uninterrupted."""
+def reference(cluster, tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
+    """sbatch slurm/ddp_4gpu.sh, 1 node x 2 tasks, uninterrupted."""
     return uninterrupted(tmp_path_factory.mktemp("reference"), *ONE_NODE_TWO_TASKS, TEMPLATE)
 
 
 @pytest.fixture(scope="module")
-def reference_two_nodes(
-    cluster, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, torch.Tensor]:
-    """2 nodes x 1 task, uninterrupted. Not bitwise the same as 1 x 2: the reduction order
-    across hosts differs."""
+def reference_two_nodes(cluster, tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
+    """sbatch slurm/ddp_multinode.sh, 2 nodes x 1 task, uninterrupted. Not bitwise the same
+    as 1 x 2: the reduction order across hosts differs."""
     return uninterrupted(tmp_path_factory.mktemp("reference2"), *TWO_NODES, MULTINODE)
+
+
+def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(reference):
+    assert ": 2 process(es) on 1 node(s) x 2 cpu" in reference.log
+    assert "test/acc " in reference.log  # global batch 40 split over 2 ranks: TOTAL steps
+    assert "test/acc" in json.loads((reference.run_dir / "results.json").read_text())
+    assert_no_rank_left(reference.run_dir)
+
+
+def test_sbatch_multinode_template_runs_two_nodes(reference_two_nodes):
+    log = reference_two_nodes.log
+    assert "on n[1-2]" in log and ": 2 process(es) on 2 node(s) x 1 cpu" in log
+    # --cpus-per-task=1: one thread a task, not one per core of the node.
+    assert "device(s), 1 CPU thread(s) each" in log
+    assert "test/acc " in log
+    assert_no_rank_left(reference_two_nodes.run_dir)
 
 
 def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(

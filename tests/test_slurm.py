@@ -1,6 +1,7 @@
 """The sbatch templates and `cifar-job submit` on a real Slurm cluster (tests/cluster/start.sh):
-DDP to completion on one and two nodes, and preemption mid-epoch that saves, requeues and
-resumes at the same step, for both launch paths."""
+a time limit mid-epoch that saves, requeues and resumes at the same step, for both launch
+paths, and doctor inside an allocation. (The templates' uninterrupted runs are shared with
+test_preemption.py, which compares every stopped run with them.)"""
 
 from __future__ import annotations
 
@@ -23,51 +24,6 @@ from slurmjobs import (
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    job = sbatch(
-        "--ntasks-per-node=2",
-        "--gpus-per-node=2",
-        "--cpus-per-task=1",
-        str(REPO / "slurm/ddp_4gpu.sh"),
-        *TRAIN,
-        "--max-epochs",
-        "2",
-        cwd=tmp_path,
-        RUN_DIR=str(run_dir),
-    )
-    assert wait_done(job) == "COMPLETED", (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
-    log = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
-    assert ": 2 process(es) on 1 node(s) x 2 cpu" in log and "test/acc " in log
-    assert ckpt_step(run_dir) == 2 * STEPS_PER_EPOCH  # global batch 40 split over 2 ranks
-    assert "test/acc" in json.loads((run_dir / "results.json").read_text())
-    assert_no_rank_left(run_dir)
-
-
-def test_sbatch_multinode_template_runs_two_nodes(cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    job = sbatch(
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        "--gpus-per-node=1",
-        "--cpus-per-task=1",
-        str(REPO / "slurm/ddp_multinode.sh"),
-        *TRAIN,
-        "--max-epochs",
-        "1",
-        cwd=tmp_path,
-        RUN_DIR=str(run_dir),
-    )
-    log_path = tmp_path / f"slurm-cifar-job-{job}.out"
-    assert wait_done(job) == "COMPLETED", log_path.read_text()
-    log = log_path.read_text()
-    assert "on n[1-2]" in log and ": 2 process(es) on 2 node(s) x 1 cpu" in log
-    # --cpus-per-task=1: one thread a task, not one per core of the node.
-    assert "device(s), 1 CPU thread(s) each" in log
-    assert ckpt_step(run_dir) == STEPS_PER_EPOCH
-    assert "test/acc " in log
 
 
 def test_sbatch_job_preempted_mid_epoch_resumes_at_the_same_step(cluster, tmp_path):
@@ -128,53 +84,35 @@ def test_sbatch_requeue_budget_stops_the_job(cluster, tmp_path):
     assert 5 <= ckpt_step(run_dir) < STEPS_PER_EPOCH  # the work done so far is saved
 
 
-def test_submit_two_nodes_runs_and_returns_the_result(cluster, tmp_path):
+def test_submit_two_nodes_waits_for_a_job_stopped_at_its_time_limit_and_returns_the_result(
+    cluster, tmp_path
+):
+    """`cifar-job submit --nodes 2 --wait`: the job gets submitit's time-limit signal
+    mid-epoch, saves, requeues itself, resumes at the saved step and finishes; --wait follows
+    it through the requeue and prints the result."""
     run_dir = tmp_path / "run"
-    result = cifar_job(
-        *SUBMIT_TWO_NODES,
-        "--wait",
-        "--accelerator",
-        "cpu",
-        *TRAIN,
-        "--max-epochs",
-        "1",
-        "--run-dir",
-        str(run_dir),
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "cifar_job", *SUBMIT_TWO_NODES, "--wait", "--accelerator", "cpu"]
+        + [*TRAIN, "--max-epochs", "2", "--run-dir", str(run_dir)],
         cwd=tmp_path,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "submitted job" in result.stdout and f"run dir: {run_dir}" in result.stdout
-    assert "finished: test/acc" in result.stdout
-    job = result.stdout.split("submitted job ")[1].split()[0]
-    assert wait_done(job, timeout=60) == "COMPLETED"
-    assert ckpt_step(run_dir) == STEPS_PER_EPOCH
-    assert_no_rank_left(run_dir)
-    status = cifar_job("status", str(run_dir), "--json")
-    info = json.loads(status.stdout)
-    assert info["state"] == "finished" and info["step"] == STEPS_PER_EPOCH and info["restarts"] == 0
-
-
-def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    result = cifar_job(
-        *SUBMIT_TWO_NODES,
-        "--accelerator",
-        "cpu",
-        *TRAIN,
-        "--max-epochs",
-        "2",
-        "--run-dir",
-        str(run_dir),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    job = result.stdout.split("submitted job ")[1].split()[0]
+    assert submit.stdout is not None
+    first = submit.stdout.readline()
+    assert first.startswith("submitted job "), first + submit.stderr.read()
+    job = first.split("submitted job ")[1].split()[0]
     wait_for_text(f"submitit/{job}_0_log.out", run_dir, "step 3/")
     running = cifar_job("status", str(run_dir))
     assert "running (job" in running.stdout
     # submitit asks Slurm for --signal=USR2@90: the same signal, sent now, to every task.
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    assert wait_done(job) == "COMPLETED"
+    out, err = submit.communicate(timeout=400)
+    assert submit.returncode == 0, out + err
+    assert f"run dir: {run_dir}" in out and f"job {job} finished: test/acc" in out
+    assert wait_done(job, timeout=60) == "COMPLETED"
     logs = "".join(p.read_text() for p in (run_dir / "submitit").glob(f"{job}_*_log.*"))
     assert "requeueing job" in logs
     starts = json.loads((run_dir / "manifest.json").read_text())["starts"]
@@ -185,6 +123,7 @@ def test_submit_two_node_job_preempted_mid_epoch_resumes(cluster, tmp_path):
     assert_no_rank_left(run_dir)
     info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
     assert info["state"] == "finished" and info["restarts"] == 1
+    assert info["step"] == 2 * STEPS_PER_EPOCH
 
 
 def test_doctor_catches_ntasks_devices_mismatch(cluster, tmp_path):

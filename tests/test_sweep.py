@@ -16,12 +16,12 @@ from slurmjobs import TRAIN, ckpt_step, manifest_starts, sbatch, wait_for_text
 from cifar_job.cli import main
 
 GOLDEN = Path(__file__).parent / "golden" / "submit_sweep_dry_run.txt"
-# Four elements (two learning rates x two seeds), one CPU node each, two at a time; 600
+# Four elements (two learning rates x two seeds), one CPU node each, three at a time; 600
 # training images in batches of 40: 15 steps each (about 4 s on one CPU).
 SWEEP = [
     *("submit", "--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "1"),
     *("--time", "10", "--accelerator", "cpu", *TRAIN, "--max-epochs", "1"),
-    *("--synthetic-size", "800", "--sweep", "lr=0.05,0.02", "--seeds", "2", "--max-parallel", "2"),
+    *("--synthetic-size", "800", "--sweep", "lr=0.05,0.02", "--seeds", "2", "--max-parallel", "3"),
 ]
 STEPS = 15
 
