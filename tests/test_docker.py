@@ -167,7 +167,8 @@ echo bytecode $(find "$site"/torch "$site"/lightning -name '*.pyc' | wc -l)
     print(history)
     assert found["static"] == 0 and found["pip_cache"] == 0
     assert found["bytecode"] > 1000
-    # Lightning, torchvision, numpy, matplotlib and the rest: 0.3 GB when measured.
-    assert parts["other_packages"] < 0.5e9, parts
+    # Lightning, torchvision, numpy, matplotlib and the rest: 0.4 GB when measured, and the
+    # MLflow client (--tracker mlflow) 0.1 GB more.
+    assert parts["other_packages"] < 0.6e9, parts
     # The user, its directories and the project's wheel: nothing else is added to the base.
     assert parts["rest"] < 0.05e9, parts
