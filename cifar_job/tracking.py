@@ -50,7 +50,7 @@ BATCH = 1000  # MLflow's limit of metrics per log_batch
 # The MLflow client retries a request for minutes by default; here a request that fails is
 # tried again by the sender, with training going on. A user's own settings win.
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-# Lightning's status of a start's end -> MLflow's.
+# How a start ended (train.record_end's reason) -> the MLflow run's status.
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED", "hang": "FAILED"}
 
 
@@ -131,6 +131,7 @@ def ensure_sweep_parent(
         except FileExistsError:
             if time.monotonic() > deadline:
                 lock.unlink(missing_ok=True)  # its holder died
+                deadline = time.monotonic() + 30
                 continue
             time.sleep(0.5)
             state = read_state(path)
@@ -307,7 +308,12 @@ class MlflowTracker(Logger):
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self._start_tags().items()])
         self._run_id = run_id
-        self._marks, self._offset = self._last_steps(), 0
+        try:
+            self._log_params()
+            self._marks, self._offset = self._last_steps(), 0
+        except Exception:
+            self._run_id = None  # connect again: nothing is sent before this is done
+            raise
         say(f"{'new' if made else 'resumed'} MLflow run {run_id} on {self.uri}")
 
     def _last_steps(self) -> dict[str, int]:
@@ -319,9 +325,7 @@ class MlflowTracker(Logger):
         }
 
     def _create(self, client: Any) -> str:
-        """A new MLflow run for this run directory, its settings as params; its id saved."""
-        from mlflow.entities import Param
-
+        """A new MLflow run for this run directory; its id saved at once."""
         tags = {"cifar_job.run_dir": str(self.run_dir.resolve()), "cifar_job.version": __version__}
         sweep_dir = self.run_dir.parent
         plan_path = sweep_dir / "sweep.json"
@@ -340,10 +344,18 @@ class MlflowTracker(Logger):
         run_id = run.info.run_id
         self.state = {"uri": self.uri, "experiment_id": exp, "run_id": run_id}
         write_json(self.state_path, self.state)  # before anything else: one identity
-        params = [Param(k, str(v)[:6000]) for k, v in self.cfg.to_dict().items()]
-        for i in range(0, len(params), 100):  # MLflow's limit of params per batch
-            client.log_batch(run_id, params=params[i : i + 100])
         return run_id
+
+    def _log_params(self) -> None:
+        """The settings as params, those the run does not have yet: all of them once, and
+        after that only a setting new to it (params never change on an MLflow run; a
+        rerun's changed free setting is in its start tag's layout and in manifest.json)."""
+        from mlflow.entities import Param
+
+        have = self._client.get_run(self._run_id).data.params
+        params = [Param(k, str(v)[:6000]) for k, v in self.cfg.to_dict().items() if k not in have]
+        for i in range(0, len(params), 100):  # MLflow's limit of params per batch
+            self._client.log_batch(self._run_id, params=params[i : i + 100])
 
     def _start_tags(self, ended: str | None = None) -> dict[str, str]:
         s = self._start
@@ -355,7 +367,7 @@ class MlflowTracker(Logger):
         )
         if ended:
             text += f"; ended {ended}"
-        tags = {f"cifar_job.start.{int(s.get('number', 0)):03d}": text}
+        tags = {f"cifar_job.start.{int(s.get('number', 0)):03d}": text[:5000]}
         if not ended:
             tags |= {
                 "cifar_job.starts": str(s.get("number", 0)),

@@ -48,11 +48,15 @@ def test_a_rank_stopped_on_a_two_node_job_is_found_and_the_job_requeues_and_fini
     damaged checkpoint, and no process of the job is left, stopped or otherwise."""
     run_dir = tmp_path / "run"
     template = str(REPO / "slurm/ddp_multinode.sh")
-    saves = ["--checkpoint-every", "0.05"]  # 3 s: the steps a hang may lose
+    saves = ["--checkpoint-every", "0.02"]  # 1.2 s: the steps a hang may lose
     one_epoch = [*TRAIN, "--max-epochs", "1", *saves]
     job = sbatch(*TWO_NODES, template, *one_epoch, cwd=tmp_path, RUN_DIR=str(run_dir))
     log = tmp_path / f"slurm-cifar-job-{job}.out"
-    wait_for_step(log.name, tmp_path, STEPS_PER_EPOCH // 2, after="start 1 on")
+    wait_for_step(log.name, tmp_path, 3, after="start 1 on")
+    deadline = time.monotonic() + 60
+    while not (run_dir / "latest").exists():  # a periodic save, for the next start
+        assert time.monotonic() < deadline, "no periodic save"
+        time.sleep(0.1)
     stopped = heartbeat(run_dir, 1)
     os.kill(stopped["pid"], signal.SIGSTOP)
     t_stop = time.monotonic()

@@ -109,8 +109,9 @@ def test_submit_two_nodes_waits_for_a_job_stopped_at_its_time_limit_and_returns_
     assert "running (job" in running.stdout
     # submitit asks Slurm for --signal=USR2@90: the same signal, sent now, to every task.
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    out, err = submit.communicate(timeout=400)
-    assert submit.returncode == 0, out + err
+    out = first + submit.stdout.read()  # the same reader: what it buffered is not lost
+    err = submit.stderr.read() if submit.stderr else ""
+    assert submit.wait(timeout=60) == 0, out + err
     assert f"run dir: {run_dir}" in out and f"job {job} finished: test/acc" in out
     assert wait_done(job, timeout=60) == "COMPLETED"
     logs = "".join(p.read_text() for p in (run_dir / "submitit").glob(f"{job}_*_log.*"))
