@@ -483,7 +483,7 @@ def tracked_sweep(cfg: TrainConfig, plan: dict[str, Any]) -> str | None:
         return None
     from pathlib import Path
 
-    from cifar_job.tracking import client_for, describe, ensure_sweep_parent, say
+    from cifar_job.mlflow_client import client_for, describe, ensure_sweep_parent, say
 
     try:
         client = client_for(str(cfg.tracking_uri))
@@ -536,15 +536,7 @@ def status(run_dir: str, as_json: bool) -> None:
 @config_option("data_dir", help="The CIFAR-10 directory to check.")
 @config_option("dataset")
 @config_option("tracking_uri", help="The MLflow server to check this node reaches.")
-def doctor(
-    devices: str,
-    num_nodes: int,
-    accelerator: str,
-    num_workers: int,
-    data_dir: str,
-    dataset: str,
-    tracking_uri: str | None,
-) -> None:
+def doctor(**options: Any) -> None:
     """Print the cluster environment and run preflight checks; exit 1 if one fails.
 
     Run it the way training will run, e.g. `srun cifar-job doctor --devices 4` inside the
@@ -557,10 +549,8 @@ def doctor(
     for key, value in environment().items():
         click.echo(f"{key:>20}: {value}")
     try:  # a value training would refuse is a failed check, on the cluster or off it
-        TrainConfig(devices=devices, num_nodes=num_nodes, accelerator=accelerator).validate()
-        found = checks(
-            devices, num_nodes, accelerator, num_workers, data_dir, dataset, tracking_uri
-        )
+        TrainConfig(**options).validate()
+        found = checks(**options)
     except OptionError as e:
         found = [Check("options", False, str(e))]
     for check in found:

@@ -194,7 +194,7 @@ def compare(run_dirs: list[Path]) -> dict[str, Any]:
 def compare_on_server(uri: str, run_ids: list[str]) -> dict[str, Any]:
     """compare() from an MLflow server (--tracker mlflow): a sweep's parent run stands for
     its children. Each row is what compare() reads from disk, from the run's metrics."""
-    from cifar_job.tracking import client_for, describe
+    from cifar_job.mlflow_client import client_for, describe
 
     client = client_for(uri)
     rows: list[dict[str, Any]] = []

@@ -25,10 +25,8 @@ it opens a new run at every start and talks to the server in the training step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -38,8 +36,16 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from cifar_job import OptionError, __version__
+from cifar_job import __version__
 from cifar_job.config import TrainConfig, read_json, write_json
+from cifar_job.mlflow_client import (
+    client_for,
+    describe,
+    ensure_sweep_parent,
+    experiment_id,
+    read_state,
+    say,
+)
 from cifar_job.rundir import TRACKING, TRACKING_SPOOL
 
 FLUSH_S = 2.0  # a metric reaches the server this long after it is logged
@@ -47,121 +53,8 @@ RETRY_S = (2.0, 5.0, 15.0, 30.0)  # waits between tries while the server does no
 # The most a start's end waits for the server.
 END_WAIT_S = float(os.environ.get("CIFAR_JOB_TRACKING_WAIT", "30"))
 BATCH = 1000  # MLflow's limit of metrics per log_batch
-# The MLflow client retries a request for minutes by default; here a request that fails is
-# tried again by the sender, with training going on. A user's own settings win.
-CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # How a start ended (train.record_end's reason) -> the MLflow run's status.
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED", "hang": "FAILED"}
-
-
-def check_client(cfg: TrainConfig) -> None:
-    """Refuse --tracker mlflow without the client installed (TrainConfig.validate has
-    checked the URI)."""
-    if cfg.tracker == "mlflow" and importlib.util.find_spec("mlflow") is None:
-        raise OptionError(
-            "--tracker mlflow needs the MLflow client: pip install 'cifar-job[mlflow]' "
-            "(the image has it)"
-        )
-
-
-def describe(error: BaseException) -> str:
-    """One short line for a client error: what failed, not the client's traceback."""
-    text = str(error).strip() or type(error).__name__
-    for cause in ("Connection refused", "timed out", "No route to host"):
-        if cause in text:
-            return cause.lower()
-    if "NameResolutionError" in text or "Name or service not known" in text:
-        return "the host name is not known"
-    if "Max retries exceeded" in text or "NewConnectionError" in text:
-        return "no connection"
-    if "Unsupported" in type(error).__name__ or "filesystem tracking backend" in text:
-        return "not a tracking URI MLflow can use; give http://HOST:PORT"
-    line = text.splitlines()[0]
-    return line if len(line) <= 200 else line[:197] + "..."
-
-
-def say(message: str) -> None:
-    print(f"tracking: {message}", file=sys.stderr, flush=True)
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    """A run's (or a sweep's) tracking.json: the server, experiment and run ids."""
-    return read_json(path, "the MLflow run this run logs to") if path.exists() else {}
-
-
-def client_for(uri: str) -> Any:
-    for key, value in CLIENT_ENV.items():
-        os.environ.setdefault(key, value)
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client: Any, name: str) -> str:
-    """The experiment's id, created if new (by whichever of many starts comes first)."""
-    from mlflow.exceptions import MlflowException
-
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        found = client.get_experiment_by_name(name)  # another start created it meanwhile
-        if found is None:
-            raise
-        return found.experiment_id
-
-
-def ensure_sweep_parent(
-    client: Any, uri: str, sweep_dir: Path, experiment: str, plan: dict[str, Any]
-) -> str:
-    """The sweep's parent run id, created once: by `submit`, else by the first element that
-    reaches the server (an exclusive lock file keeps two from creating one each)."""
-    path = sweep_dir / TRACKING
-    state = read_state(path)
-    if state.get("run_id") and state.get("uri") == uri:
-        return state["run_id"]
-    lock = sweep_dir / (TRACKING + ".lock")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if time.monotonic() > deadline:
-                lock.unlink(missing_ok=True)  # its holder died
-                deadline = time.monotonic() + 30
-                continue
-            time.sleep(0.5)
-            state = read_state(path)
-            if state.get("run_id") and state.get("uri") == uri:
-                return state["run_id"]
-    try:
-        state = read_state(path)
-        if state.get("run_id") and state.get("uri") == uri:
-            return state["run_id"]
-        from mlflow.entities import Param, RunTag
-
-        exp = experiment_id(client, experiment)
-        run = client.create_run(exp, run_name=sweep_dir.name, tags={"cifar_job.sweep": "parent"})
-        run_id = run.info.run_id
-        grid = {k: json.dumps(v) for k, v in plan.get("grid", {}).items()}
-        params = [Param(f"sweep.{k}", v[:6000]) for k, v in grid.items()]
-        params.append(Param("sweep.seeds", json.dumps(plan.get("seeds", []))))
-        client.log_batch(
-            run_id,
-            params=params,
-            tags=[
-                RunTag("cifar_job.sweep_dir", str(sweep_dir.resolve())),
-                RunTag("cifar_job.elements", str(len(plan.get("elements", [])))),
-            ],
-        )
-        write_json(path, {"uri": uri, "experiment_id": exp, "run_id": run_id})
-        return run_id
-    finally:
-        os.close(fd)
-        lock.unlink(missing_ok=True)
 
 
 class MlflowTracker(Logger):

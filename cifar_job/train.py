@@ -31,6 +31,7 @@ from cifar_job.config import (
     write_json,
 )
 from cifar_job.loader import CIFAR10DataModule
+from cifar_job.mlflow_client import check_client
 from cifar_job.module import CifarClassifier
 from cifar_job.rundir import CONFIG, CURVES, MANIFEST, RESULTS, Lease
 from cifar_job.slurm import check_container, job_id, running_image, size_threads
@@ -44,7 +45,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     Returns the test results on global rank 0, None on the other ranks.
     """
     cfg.validate()
-    tracking.check_client(cfg)
+    check_client(cfg)
     check_container()  # a job meant for a container never trains on the host
     size_threads()  # one thread per CPU Slurm gave the task, not per core of the node
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
@@ -120,7 +121,8 @@ def fit_and_test(
         run_dir, cfg.checkpoint_every, resume_from, max_time_s, cfg.keep_checkpoints
     )
     # The watchdog first: a step's progress is noted before a stop's save begins.
-    trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy], loggers=[tracker])
+    loggers = [tracker] if tracker is not None else []
+    trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy], loggers=loggers)
     if trainer.is_global_zero:
         # Before this start counts: a job that keeps failing without a new checkpoint stops.
         checkpoints.check_progress(run_dir, job_id(), resume_step, cfg.max_stalled_starts)

@@ -104,7 +104,7 @@ def build_trainer(
     run_dir: Path,
     callbacks: list[Callback] | None = None,
     progress: bool | None = None,
-    loggers: list[Logger | None] | None = None,
+    loggers: list[Logger] | None = None,
 ) -> L.Trainer:
     """A Trainer writing checkpoints and logs into run_dir (and to `loggers` as well)."""
     progress = sys.stderr.isatty() if progress is None else progress
@@ -131,7 +131,7 @@ def build_trainer(
     all_loggers: list[Logger] = [CSVLogger(run_dir, name=LOGS)]
     if cfg.tensorboard:
         all_loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
-    all_loggers += [logger for logger in loggers or [] if logger is not None]
+    all_loggers += loggers or []
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Ranks come from Slurm; requeueing belongs to the launcher (sbatch script or

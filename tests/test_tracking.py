@@ -95,8 +95,9 @@ def test_a_server_that_dies_and_a_hard_kill_leave_one_run_with_each_step_once(
     server = mlflow_server  # stopped and started again here: the same data comes back
     client = server.client()
     run_dir = tmp_path / "run"
-    # 15 steps an epoch: the kill lands well before the save at the second epoch's end.
-    args = [*TINY, "--synthetic-size", "700", "--max-epochs", "2", "--run-dir", str(run_dir)]
+    # 30 steps an epoch: the warning comes within the first epoch, and the kill well before
+    # the save at the second epoch's end (15 steps an epoch were too few on a quiet machine).
+    args = [*TINY, "--synthetic-size", "1300", "--max-epochs", "2", "--run-dir", str(run_dir)]
     args += ["--data-dir", str(tmp_path), *tracked(server.uri, "outage")]
     job = train_in_background(*args, cwd=tmp_path)
     stderr, latest = tmp_path / "stderr.txt", run_dir / "latest"
@@ -130,6 +131,8 @@ def test_a_server_that_dies_and_a_hard_kill_leave_one_run_with_each_step_once(
     assert run.info.status == "FINISHED"
     assert_each_step_once_as_in_csv(client, first_id, run_dir)
     assert {a.path for a in client.list_artifacts(first_id)} == {"results.json", "curves.png"}
+    sent = Path(client.download_artifacts(first_id, "results.json", str(tmp_path)))
+    assert json.loads(sent.read_text()) == json.loads((run_dir / "results.json").read_text())
     assert len(client.search_runs([run.info.experiment_id])) == 1
     tags = run.data.tags
     assert tags["cifar_job.starts"] == "2" and "FINISHED" in tags["cifar_job.start.002"]
@@ -249,3 +252,21 @@ def test_doctor_says_whether_this_node_reaches_the_tracking_server(mlflow_server
     missed = cifar_job("doctor", "--dataset", "synthetic", env={"MLFLOW_TRACKING_URI": refused})
     assert missed.returncode == 1
     assert f"FAIL  tracking: the MLflow server {refused} does not answer" in missed.stdout
+
+
+def test_compare_from_the_server_imports_neither_torch_nor_lightning(mlflow_server):
+    """`compare --mlflow-run` reads the server only: it starts as fast as the rest of the
+    CLI (a run made here with the client, its val/acc by epoch)."""
+    from test_cli import heavy_imports
+
+    client = mlflow_server.client()
+    experiment = client.create_experiment("compare-imports")
+    run_id = client.create_run(experiment, run_name="r").info.run_id
+    for step, epoch, acc in ((10, 0, 0.3), (20, 1, 0.5)):
+        client.log_metric(run_id, "epoch", epoch, step=step)
+        client.log_metric(run_id, "val/acc", acc, step=step)
+    args = ("compare", "--tracking-uri", mlflow_server.uri, "--mlflow-run", run_id, "--json")
+    assert heavy_imports(*args) == []
+    table = json.loads(cifar_job(*args).stdout)
+    assert table["runs"][0]["val_acc_curve"] == [[1, 0.3], [2, 0.5]]
+    assert table["runs"][0]["best_val_acc"] == 0.5 and table["runs"][0]["best_epoch"] == 2
