@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -45,12 +46,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
 from cifar_job import CifarJobError, Preempted, events
 from cifar_job.config import write_json
-from cifar_job.rundir import DECISION, HANG_RECORD, LAST, CheckpointStore
+from cifar_job.rundir import DECISION, HANG_CLAIM, HANG_RECORD, LAST, CheckpointStore
 
 # EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
 REQUEUE_EXIT = 75
@@ -68,6 +70,10 @@ TIME_UP, REQUEUE, STOP = 1, 2, 3
 # latency grows with the world size).
 AGREE_EVERY_S, AGREE_MAX_STEPS = 1.0, 100
 SIGNALS = {signal.SIGUSR1: REQUEUE, signal.SIGUSR2: REQUEUE, signal.SIGTERM: STOP}
+# Held while this process saves to the store: by the main thread for a save, and for good by
+# the watchdog's thread once it saves after a hang (the process then ends): never two
+# writers, and never a save of the main thread's after the hang's.
+STORE_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------- signals
@@ -135,32 +141,60 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().__init__()
         self.resume_path: str | None = None
         self.after_write: Any = None  # the watchdog's: what follows is the save's barrier
+        self.ledger: Path | None = None  # a training run's directory: its loads are recorded
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; others in the project may read it
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_checkpoint(checkpoint, Path(path))
         if self.after_write is not None:
             self.after_write()
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
         chosen = self.resume_path or path
+        began = time.monotonic()
         checkpoint = super().load_checkpoint(
             chosen, map_location=map_location, weights_only=weights_only
         )
-        return rebase(checkpoint, os.path.realpath(Path(chosen).parent))
+        run_dir = os.path.realpath(Path(chosen).parent)
+        if self.ledger is not None and rank_zero_only.rank == 0:
+            took = round(time.monotonic() - began, 4)
+            events.record(self.ledger, "load", step=checkpoint.get("global_step"), s=took)
+        return rebase(checkpoint, run_dir)
+
+
+def write_checkpoint(checkpoint: dict[str, Any], target: Path, still_valid: Any = None) -> bool:
+    """Write `checkpoint` to a temporary file beside `target`, fsync it, and rename it into
+    place, unless `still_valid()` (asked once the file is whole) says that what was written
+    may no longer be one state: then the file goes and False is returned."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600: as any file, by the umask
+        if still_valid is not None and not still_valid():
+            return False
+        os.replace(tmp, target)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc; else os.umask twice)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def rebase(checkpoint: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -272,6 +306,7 @@ def clear_leftovers(run_dir: Path) -> None:
     watchdog tells earlier starts' apart."""
     (run_dir / MARKER).unlink(missing_ok=True)
     (run_dir / HANG_RECORD).unlink(missing_ok=True)
+    (run_dir / HANG_CLAIM).unlink(missing_ok=True)
     for tmp in run_dir.glob(".*.ckpt.*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -303,10 +338,13 @@ def check_progress(run_dir: Path, job: str | None, resume_step: int | None, budg
     if len(stalled) < budget:
         return
     why = [_failure(start["ends"]) for start in reversed(stalled)]
-    said = f"each ended with {why[0]}" if len(set(why)) == 1 else "; ".join(why)
+    one = len(stalled) == 1
+    each = "it" if one else "each"
+    said = f"{each} ended with {why[0]}" if len(set(why)) == 1 else "; ".join(why)
+    starts = "start" if one else f"{len(stalled)} starts"
     raise CifarJobError(
-        f"the last {len(stalled)} starts of job {job} made no new checkpoint (each resumed "
-        f"from step {later}): {said}. Stopping instead of requeueing again "
+        f"the last {starts} of job {job} made no new checkpoint ({each} resumed from step "
+        f"{later}): {said}. Stopping instead of requeueing again "
         f"(--max-stalled-starts {budget}). Fix the cause, then resubmit: a new job counts anew."
     )
 
@@ -405,6 +443,7 @@ class CheckpointPolicy(Checkpoint):
                 )
             # Every rank loads rank 0's choice, whatever its own view of the directory.
             trainer.strategy.checkpoint_io.resume_path = choices[0]  # type: ignore[union-attr]
+        trainer.strategy.checkpoint_io.ledger = self.run_dir  # type: ignore[union-attr]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -458,9 +497,14 @@ class CheckpointPolicy(Checkpoint):
         others wait in the save's barrier), and then the one to resume from."""
         if self.saved_step != trainer.global_step:  # the same on every rank
             path = self.store.path_for(trainer.global_step)
-            trainer.save_checkpoint(path, weights_only=False)  # (quiets a log line)
-            if trainer.is_global_zero:
-                self.store.commit(path)
+            began = time.monotonic()
+            with STORE_LOCK:
+                trainer.save_checkpoint(path, weights_only=False)  # (quiets a log line)
+                if trainer.is_global_zero:
+                    self.store.commit(path)
+            if trainer.is_global_zero:  # for the ledger
+                took = round(time.monotonic() - began, 4)
+                events.record(self.run_dir, "save", step=trainer.global_step, s=took)
             self.saved_step = trainer.global_step
         self.last_save = time.monotonic()
 

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -526,6 +527,42 @@ def status(run_dir: str, as_json: bool) -> None:
         click.echo(f"  MLflow run {info['tracking']['run_id']} on {info['tracking']['uri']}")
     if info.get("checkpoint_problem"):
         click.echo(f"  warning: {info['checkpoint_problem']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--plot",
+    "plot_to",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also draw a stacked bar per start (per run, for a sweep) to this PNG.",
+)
+@click.option(
+    "--no-sacct", is_flag=True, help="Leave Slurm's accounting out: the run's records alone."
+)
+def hours(run_dir: str, as_json: bool, plot_to: str | None, no_sacct: bool) -> None:
+    """Where a run's node-hours went: kept and recomputed training, checkpoint saves and
+    loads, start-up, evaluation, stops, queue waits between starts, hangs, and what no record
+    explains; per start and in total, in node-seconds, with the goodput (kept training over
+    the total). For a sweep's directory, per run. Queue waits, and each start's allocation,
+    come from Slurm's accounting (sacct) where it answers."""
+    from cifar_job import ledger
+    from cifar_job.sweep import read_plan
+
+    if (plan := read_plan(run_dir)) is not None:
+        found = ledger.sweep_hours([Path(e["run_dir"]) for e in plan["elements"]], not no_sacct)
+        lines = ledger.render_sweep(found)
+        bars = [(Path(r["run_dir"]).name, r["node_seconds"]) for r in found["runs"]]
+    else:
+        found = ledger.hours(run_dir, not no_sacct)
+        lines = ledger.render(found)
+        bars = [(f"start {s['start']}", s["node_seconds"]) for s in found["starts"]]
+    click.echo(json.dumps(found) if as_json else "\n".join(lines))
+    if plot_to is not None:
+        out = ledger.plot(bars, Path(plot_to), f"where the node-hours of {run_dir} went")
+        click.echo(f"wrote {out}", err=as_json)
 
 
 @main.command()

@@ -45,6 +45,7 @@ class CifarClassifier(L.LightningModule):
         # on_save_checkpoint), so a resumed epoch's figures still cover the whole epoch.
         self.register_buffer("train_sums", torch.zeros(3), persistent=False)
         self.epoch_steps = 0
+        self.step_sums: tuple[torch.Tensor, torch.Tensor, int] | None = None  # this step's
         # The cosine schedule of a resumed checkpoint and its step (see on_load_checkpoint).
         self.resumed_cosine: tuple[WarmupCosine, int] | None = None
         self.test_top5 = MulticlassAccuracy(NUM_CLASSES, top_k=5, average="micro")
@@ -71,10 +72,7 @@ class CifarClassifier(L.LightningModule):
         with torch.no_grad():  # device ops with Python scalars: no host-device copy, no wait
             right = (logits.argmax(dim=1) == labels).sum()
             n = labels.numel()
-            self.train_sums[0] += loss.detach().float() * n
-            self.train_sums[1] += right
-            self.train_sums[2] += n
-        self.epoch_steps += 1
+            self.step_sums = (loss.detach().float() * n, right, n)
         trainer = self.trainer
         if (
             trainer.progress_bar_callback is not None
@@ -84,6 +82,18 @@ class CifarClassifier(L.LightningModule):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
             self.log("train/acc_step", right / n, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """The step's figures join the epoch's as the step is applied, not as it is computed:
+        a step that never completes (a rank stuck in its all-reduce) adds nothing to a save
+        of the steps before it (watchdog.py)."""
+        if self.step_sums is not None:
+            loss_sum, right, n = self.step_sums
+            self.train_sums[0] += loss_sum
+            self.train_sums[1] += right
+            self.train_sums[2] += n
+            self.epoch_steps += 1
+            self.step_sums = None
 
     def on_train_epoch_end(self) -> None:
         """train/loss_epoch and train/acc_epoch over every image of the epoch, all ranks."""

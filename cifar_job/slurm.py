@@ -79,10 +79,19 @@ def tasks_per_node() -> int:
 
 
 def task_cpus() -> int | None:
-    """The CPUs Slurm gave this task (--cpus-per-task), or None outside an srun step or
-    where the job did not ask for a number."""
+    """The CPUs Slurm gave this task: --cpus-per-task, else, where the site binds tasks
+    (task/affinity, cgroups) to fewer CPUs than the node has, the size of its mask. None
+    outside an srun step, or where nothing says."""
+    if not in_srun_step():
+        return None
     cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return int(cpus) if in_srun_step() and cpus.isdigit() and int(cpus) > 0 else None
+    if cpus.isdigit() and int(cpus) > 0:
+        return int(cpus)
+    try:
+        mask = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    return mask if mask < (os.cpu_count() or mask) else None
 
 
 def size_threads() -> int | None:

@@ -21,6 +21,7 @@ from cifar_job import (
     __version__,
     checkpoints,
     events,
+    ledger,
     tracking,
 )
 from cifar_job.config import (
@@ -33,6 +34,7 @@ from cifar_job.config import (
 from cifar_job.loader import CIFAR10DataModule
 from cifar_job.mlflow_client import check_client
 from cifar_job.module import CifarClassifier
+from cifar_job.phases import Phases
 from cifar_job.rundir import CONFIG, CURVES, MANIFEST, RESULTS, Lease
 from cifar_job.slurm import check_container, job_id, running_image, size_threads
 from cifar_job.trainer import build_trainer, end_process_group
@@ -122,12 +124,23 @@ def fit_and_test(
     )
     # The watchdog first: a step's progress is noted before a stop's save begins.
     loggers = [tracker] if tracker is not None else []
-    trainer = build_trainer(cfg, run_dir, callbacks=[watchdog, policy], loggers=loggers)
+    callbacks = [watchdog, Phases(run_dir), policy]
+    trainer = build_trainer(cfg, run_dir, callbacks=callbacks, loggers=loggers)
     if trainer.is_global_zero:
         # Before this start counts: a job that keeps failing without a new checkpoint stops.
         checkpoints.check_progress(run_dir, job_id(), resume_step, cfg.max_stalled_starts)
         record_start(run_dir, cfg, resume_from, resume_step)
-        events.record(run_dir, "start", job=job_id(), step=resume_step, node=node_name())
+        events.record(
+            run_dir,
+            "start",
+            job=job_id(),
+            step=resume_step,
+            node=node_name(),
+            nodes=trainer.num_nodes,
+            process=round(ledger.process_started(), 3),
+            allocated=ledger.allocation_started(),
+            reached=ledger.read_reached(run_dir),  # the newest earlier start's last step
+        )
         checkpoints.clear_leftovers(run_dir)
         nodes, devices = trainer.num_nodes, trainer.num_devices
         kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()

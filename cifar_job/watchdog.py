@@ -13,11 +13,16 @@ backend's timeout (gloo 30 min, NCCL 10 min). This thread does not depend on the
   evaluation batches and saves. In steps and evaluation the timeout is HANG_FACTOR times
   the slowest of the recent intervals, with a floor per section; --hang-timeout replaces
   them all.
-- **On a hang** it names the rank that stopped from the heartbeats (a stopped or lost
-  process writes none; a stuck one, an old step), in one line of the job log and in
-  hang.json, records the decision (requeue) in the run directory's marker, and ends the
-  process with HANG_EXIT. srun --kill-on-bad-exit ends the other ranks, the batch script
-  requeues the job, and it resumes from the newest checkpoint, which saves never leave
+- **On a hang** the first healthy rank to see it claims it (hang.claim) and names the rank
+  that stopped from the heartbeats (a stopped or lost process writes none; a stuck one, an
+  old step), in one line of the job log and in hang.json. It **saves the last completed
+  step** if it can (LastStep): under DDP every rank holds the same weights and optimizer
+  state, and a healthy rank waiting in a collective has not updated them since; the one
+  thing its next step's forward pass changed, the BatchNorm statistics, is kept as it was
+  when the pass began (BufferShadow). Then it records the decision
+  (requeue) in the run directory's marker and ends the process with HANG_EXIT. srun
+  --kill-on-bad-exit ends the other ranks, the batch script requeues the job, and it resumes
+  from that save (0 steps lost) or else from the newest checkpoint, which saves never leave
   half-written.
 - **Stop signals** reach it at once through Python's wakeup fd, also while the main thread
   is blocked. After a stop signal, a main thread that makes no progress for the stop budget
@@ -41,11 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from cifar_job import checkpoints, events
 from cifar_job.config import write_json
-from cifar_job.rundir import HANG_RECORD, HEARTBEATS
+from cifar_job.rundir import HANG_CLAIM, HANG_RECORD, HEARTBEATS, CheckpointStore
 from cifar_job.slurm import local_start
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
@@ -53,6 +59,9 @@ from cifar_job.slurm import local_start
 HANG_EXIT = 124
 # A rank is hung after this many times its slowest recent interval without progress.
 HANG_FACTOR = 10
+# How long the save of a hang may take before the process ends without it (a hung device or
+# filesystem would hold it for ever). A periodic save takes well under a second to seconds.
+HANG_SAVE_BUDGET_S = 120.0
 # Floors, in seconds. Start-up covers imports from a cold shared filesystem, the rendezvous
 # of every rank and the data read into memory, and a first --compile step (minutes); a
 # save writes up to GBs to a shared filesystem. Steps and evaluation batches take well under
@@ -67,8 +76,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # A fault to inject, for fire drills and tests: KIND:STEP[:RANK[:START]], KIND being stop
 # (the rank stops itself with SIGSTOP, as a stalled node would) or hang (its main thread
-# sleeps for ever, as in a stuck collective), after step STEP, on rank RANK (default 0), in
-# the START-th start of the job (Slurm's restart count + 1; default every start).
+# never returns, as in a stuck collective), in the backward pass of the step after STEP, on
+# rank RANK (default 0), in the START-th start of the job (Slurm's restart count + 1;
+# default every start). A resumed start at STEP meets it again.
 FAULT_VAR = "CIFAR_JOB_FAULT"
 
 
@@ -84,6 +94,63 @@ def start_id() -> str:
 def node_name() -> str:
     """The Slurm node this process runs on (what --exclude takes), else the host name."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class LastStep:
+    """What a healthy rank needs to save its last completed step from the watchdog's thread,
+    noted at each training step's end (a few microseconds): the step; how many forward
+    passes and optimizer updates had begun (the main thread counts each before it changes
+    anything); and the training loop's progress counters as a save at that point would
+    record them (Lightning's loops move them on before the next step's collectives).
+
+    None at the epoch's last step (its end, validation and the best checkpoint follow: a
+    save there would resume into the next epoch unvalidated) and until the first step."""
+
+    PROGRESS = ("batch_progress", "scheduler_progress", "automatic_optimization.optim_progress")
+
+    def __init__(self, trainer: L.Trainer, forwards: int, updates: int) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        self.step, self.forwards, self.updates = trainer.global_step, forwards, updates
+        self.loops: dict[str, Any] = {"epoch_loop.state_dict": loop.on_save_checkpoint()}
+        for name in self.PROGRESS:
+            obj: Any = loop
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            self.loops[f"epoch_loop.{name}"] = plain(obj)
+
+
+class BufferShadow:
+    """The module's saved buffers (BatchNorm's running statistics and counts) as they were
+    when the current training forward pass began: one fused copy per dtype and device, tens
+    of microseconds. A rank that waits in that step's gradient all-reduce has changed
+    nothing else, so its last completed step is its weights, its optimizer and these."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        saved = module.state_dict(keep_vars=True)
+        named = [(n, b) for n, b in module.named_buffers() if saved.get(n) is b]
+        groups: dict[tuple[Any, Any], list[tuple[str, torch.Tensor]]] = {}
+        for name, buffer in named:
+            groups.setdefault((buffer.device, buffer.dtype), []).append((name, buffer))
+        self.groups = [
+            ([n for n, _ in g], [b for _, b in g], [b.detach().clone() for _, b in g])
+            for g in groups.values()
+        ]
+
+    def copy(self) -> None:
+        with torch.no_grad():
+            for _, live, shadow in self.groups:
+                torch._foreach_copy_(shadow, live)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for names, _, shadow in self.groups for n, t in zip(names, shadow)}
+
+
+def plain(progress: Any) -> dict[str, Any]:
+    """A Lightning progress tracker as its state_dict() has it, in a fraction of the time
+    (dataclasses.asdict deep-copies)."""
+    return {
+        k: plain(v) if hasattr(v, "__dataclass_fields__") else v for k, v in vars(progress).items()
+    }
 
 
 class Watchdog(Callback):
@@ -108,6 +175,17 @@ class Watchdog(Callback):
         self.on_beat: Any = None  # also called every heartbeat (rank 0: the lease's refresh)
         # Called with (reason, message) before this process ends at once (rank 0: the tracker).
         self.on_exit: Any = None
+        # For the save of a hang: the trainer, its store, the last completed step, and the
+        # forward passes begun so far (a hook on the LightningModule counts them).
+        self.trainer: L.Trainer | None = None
+        self.store: CheckpointStore | None = None
+        self.last_step: LastStep | None = None
+        self.shadow: BufferShadow | None = None
+        # Training forward calls and optimizer updates begun, the call the shadow is of, and
+        # whether the next call is a step's first.
+        self.forwards = self.updates = self.shadowed = 0
+        self.shadow_due = True
+        self._hook: Any = None
         self._thread = threading.Thread(target=self._watch, name="cifar-job-watchdog", daemon=True)
 
     # --- the main thread's side: no I/O, no locks
@@ -125,16 +203,48 @@ class Watchdog(Callback):
         if trainer.global_rank != self.rank:  # the launcher's guess before DDP was up
             self._beat_path().unlink(missing_ok=True)
             self.rank = trainer.global_rank
+        self.trainer = trainer
+        policies = [c for c in trainer.callbacks if isinstance(c, checkpoints.CheckpointPolicy)]
+        self.store = policies[0].store if policies else None
+        if self._hook is None:
+            # Under DDP it runs after the forward's buffer broadcast (a collective that a
+            # healthy rank waits in, unchanged) and before anything changes.
+            self._hook = pl_module.register_forward_pre_hook(self._forward_begins)
+        self.shadow = None  # made on the device, at training's start
         # Rank 0's write done, a save is a barrier: as quick as a step, unless a rank is gone.
         io = trainer.strategy.checkpoint_io
         if isinstance(io, checkpoints.AtomicCheckpointIO):
             io.after_write = lambda: self.progress("saved")
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.last_step = None
+
+    def _forward_begins(self, module: Any, args: Any) -> None:
+        if not module.training:  # evaluation changes no saved state
+            return
+        self.forwards += 1  # first: a save that reads the shadow sees a copy under way
+        if self.shadow_due and self.shadow is not None:  # a step's first call (DDP: of two)
+            self.shadow.copy()
+            self.shadowed, self.shadow_due = self.forwards, False
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: Any) -> None:
+        self.updates += 1  # the weights, the optimizer state, the epoch's sums change next
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.shadow = BufferShadow(pl_module)
         self.progress("start", trainer.global_step)  # not "step": start-up is not a step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.progress("step", trainer.global_step)
+        last = args[-1] + 1 >= trainer.num_training_batches  # batch_idx
+        self.last_step = None if last else LastStep(trainer, self.forwards, self.updates)
+        self.shadow_due = True
+
+    def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
+        # Mid-step, its forward pass done: where a stalled node most often stops a rank.
         if self.fault and self.fault[1:] == (trainer.global_step, trainer.global_rank, True):
             inject(self.fault[0], trainer.global_step, trainer.global_rank)
 
@@ -151,7 +261,8 @@ class Watchdog(Callback):
         self.progress("setup")  # fit's teardown, then test's set-up and loading the best
 
     def on_save_checkpoint(self, trainer: L.Trainer, *args: Any) -> None:
-        self.progress("checkpoint")  # every rank dumps its state, rank 0 writes, all wait
+        if threading.current_thread() is threading.main_thread():  # not the hang's save
+            self.progress("checkpoint")  # every rank dumps its state, rank 0 writes, all wait
 
     # --- the thread
 
@@ -192,12 +303,18 @@ class Watchdog(Callback):
             readers.append(signals)
         self._write_beat(time.monotonic())  # a rank that stops early is still known
         while not self._done.is_set():
+            waited = time.monotonic()
             ready, _, _ = select.select(readers, [], [], self.poll_s)
+            now = time.monotonic()
+            if now - waited > 4 * self.poll_s:
+                # A wait of poll_s that took far longer: this whole process was stopped
+                # (SIGSTOP) and is continued. Its main thread gets a chance to move before the
+                # stop counts against it; if others were held meanwhile, they have acted.
+                self.last_progress = max(self.last_progress, now - self.poll_s)
             if signals in ready:
                 self._signals(os.read(signals, 64))
             if self._done.is_set():
                 return
-            now = time.monotonic()
             self._write_beat(now)
             stopping = bool(self.stop_signals) or checkpoints.pending_signal() is not None
             idle = now - self.last_progress
@@ -211,6 +328,8 @@ class Watchdog(Callback):
         now = time.monotonic()
         for signum in data:
             if signum in checkpoints.SIGNALS or signum in STOP_SIGNALS:
+                if self.rank == 0 and not self.stop_signals:  # for the ledger: when it came
+                    events.record(self.run_dir, "signal", name=signal.Signals(signum).name)
                 self.stop_signals.append((now, signum))
         stops = [s for _, s in self.stop_signals if s in STOP_SIGNALS]
         if len(stops) >= 2 and "SLURM_JOB_ID" not in os.environ:
@@ -272,32 +391,118 @@ class Watchdog(Callback):
             "ranks": sorted(beats.values(), key=lambda b: b["rank"]),
         }
         exclude = sorted({b["node"] for b in culprits}) if self.exclude_node else []
-        # Every healthy rank gets here at about the same time; the lowest one speaks.
-        leader = min(b["rank"] for b in beats.values() if b not in stale)
-        if self.rank != leader:
-            time.sleep(3 * self.poll_s)  # its record first: srun ends the step at the first exit
+        # Every healthy rank gets here at about the same time; the first one acts.
+        if not self._claim():
+            # Its save and record first: srun ends the step at the first exit.
+            deadline = time.monotonic() + HANG_SAVE_BUDGET_S + 3 * self.poll_s
+            while time.monotonic() < deadline and not (self.run_dir / HANG_RECORD).exists():
+                time.sleep(0.2)
             self._exit(HANG_EXIT, None)
+        bound = self.timeout()
+        saved = self.save_last_step()
+        record["saved_step"] = saved
         try:
-            write_json(self.run_dir / HANG_RECORD, record)
             checkpoints.write_marker(
                 self.run_dir,
                 "requeue",
-                step=self.step,
+                step=self.step if saved is None else saved,
                 signal="hang",
-                saved=False,
+                saved=saved is not None,
                 exclude=",".join(exclude) or None,
             )
+            write_json(self.run_dir / HANG_RECORD, record)
         except OSError:
             pass
         who = ", ".join(f"rank {b['rank']} on {b['node']}" for b in culprits)
         who += f", after step {self.step}"
-        events.record(self.run_dir, "hang", step=self.step, stopped=who, idle_s=round(idle, 1))
+        events.record(
+            self.run_dir, "hang", step=self.step, stopped=who, idle_s=round(idle, 1), saved=saved
+        )
+        then = (
+            f"saved step {saved}, the last completed one"
+            if saved is not None
+            else "the newest checkpoint stands"
+        )
         self._exit(
             HANG_EXIT,
             f"hang: {named}; rank {self.rank} on {me['node']} saw no progress for {idle:.0f} s "
-            f"(bound {self.timeout():.0f} s). Ending this start; the newest checkpoint stands "
-            f"({self.run_dir / HANG_RECORD})",
+            f"(bound {bound:.0f} s). Ending this start; {then} ({self.run_dir / HANG_RECORD})",
         )
+
+    def _claim(self) -> bool:
+        """Whether this rank is the one that acts on this start's hang: the first to create
+        hang.claim (atomically, also on a shared filesystem). An earlier start's is taken
+        over."""
+        path = self.run_dir / HANG_CLAIM
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    if path.read_text().strip() == self.start_key:
+                        return False
+                    path.unlink()  # an earlier start's
+                except OSError:
+                    pass
+                continue
+            except OSError:
+                return True  # an unwritable directory: act, as before claims existed
+            with os.fdopen(fd, "w") as f:
+                f.write(self.start_key + "\n")
+            return True
+        return False
+
+    def save_last_step(self) -> int | None:
+        """Save the last completed training step from this thread, if this rank still holds
+        it: no forward pass began since (a rank waiting in a collective), no save of the main
+        thread's is under way, and the write ends within HANG_SAVE_BUDGET_S. Returns the
+        step, or None (then the newest checkpoint stands). Holds the store for good: the
+        process ends next, and its main thread, if the collective comes back meanwhile,
+        writes nothing more."""
+        last, trainer, store, shadow = self.last_step, self.trainer, self.store, self.shadow
+        if last is None or trainer is None or store is None or shadow is None:
+            return None
+        forwards = self.forwards
+        # Waiting before the next step's forward pass, or in its backward pass (the shadow
+        # holds the buffers of the pass's start); an update begun means too late.
+        mid_step = forwards > last.forwards and self.shadowed == last.forwards + 1
+        if self.updates != last.updates or not (forwards == last.forwards or mid_step):
+            return None
+        if not checkpoints.STORE_LOCK.acquire(blocking=False):
+            return None  # the main thread is saving: its save, or none
+        saved: list[int] = []
+
+        def unchanged() -> bool:
+            return self.forwards == forwards and self.updates == last.updates
+
+        def write() -> None:
+            try:
+                save()
+            except Exception as e:  # noqa: BLE001 (the process ends next, saved or not)
+                print(f"cifar-job: the hang's save failed: {e!r}", file=sys.stderr, flush=True)
+
+        def save() -> None:
+            path = store.path_for(last.step)
+            if store.latest() == path:  # the main thread saved this step already
+                saved.append(last.step)
+                return
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            checkpoint["loops"]["fit_loop"].update(last.loops)
+            if mid_step:
+                checkpoint["state_dict"].update(shadow.state())
+            if checkpoint["global_step"] != last.step or not unchanged():
+                return
+            if checkpoints.write_checkpoint(checkpoint, path, still_valid=unchanged):
+                store.commit(path)
+                saved.append(last.step)
+                took = round(time.monotonic() - began, 4)
+                events.record(self.run_dir, "save", step=last.step, s=took, hang=True)
+
+        began = time.monotonic()
+        writer = threading.Thread(target=write, name="cifar-job-hang-save", daemon=True)
+        writer.start()
+        writer.join(HANG_SAVE_BUDGET_S)
+        return saved[0] if saved else None
 
     def _end_stuck_stop(self, idle: float) -> None:
         """A stop signal came, and the main thread has not moved since: exit as after a

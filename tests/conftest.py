@@ -125,6 +125,24 @@ def cluster() -> None:
         pytest.skip("no Slurm cluster: run tests/cluster/start.sh (root, Debian) or `make cluster`")
 
 
+@pytest.fixture(scope="session")
+def reference(cluster, tmp_path_factory: pytest.TempPathFactory):
+    """sbatch slurm/ddp_4gpu.sh, 1 node x 2 tasks, uninterrupted (slurmjobs.Uninterrupted):
+    the weights every stopped run of that layout must end with."""
+    from slurmjobs import ONE_NODE_TWO_TASKS, TEMPLATE, uninterrupted
+
+    return uninterrupted(tmp_path_factory.mktemp("reference"), *ONE_NODE_TWO_TASKS, TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def reference_two_nodes(cluster, tmp_path_factory: pytest.TempPathFactory):
+    """sbatch slurm/ddp_multinode.sh, 2 nodes x 1 task, uninterrupted. Not bitwise the same
+    as 1 x 2: the reduction order across hosts differs."""
+    from slurmjobs import MULTINODE, TWO_NODES, uninterrupted
+
+    return uninterrupted(tmp_path_factory.mktemp("reference2"), *TWO_NODES, MULTINODE)
+
+
 def sh(*cmd: str, timeout: float = 1800, **kw) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -215,19 +233,37 @@ def assert_matches_golden(output: str, cwd: Path, golden: Path) -> None:
     assert text == golden.read_text()
 
 
+# The controller's address on the test cluster's own network (tests/cluster/start.sh): the
+# nodes, each in a network namespace of its own, reach this machine there, not on loopback.
+CLUSTER_HOST = "10.77.0.1"
+
+
+def test_host() -> str:
+    """Where a server the cluster's jobs must reach listens: the test network's address when
+    the cluster runs, else loopback."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((CLUSTER_HOST, 0))
+            return CLUSTER_HOST
+        except OSError:
+            return "127.0.0.1"
+
+
 class MlflowServer:
-    """A real `mlflow server` on loopback: SQLite backend and a local artifact store in
-    `root`, on a free port. stop() and start() again keep its data (a server that went away
-    and came back)."""
+    """A real `mlflow server` on this machine's test address (test_host): SQLite backend and a
+    local artifact store in `root`, on a free port. stop() and start() again keep its data (a
+    server that went away and came back)."""
 
     def __init__(self, root: Path) -> None:
         import socket
 
-        self.root = root
+        self.root, self.host = root, test_host()
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((self.host, 0))
             self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.uri = f"http://{self.host}:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -236,7 +272,7 @@ class MlflowServer:
         mlflow = Path(sys.executable).parent / "mlflow"
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server's own)
         self.process = subprocess.Popen(
-            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+            [str(mlflow), "server", "--host", self.host, "--port", str(self.port)]
             + ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
             + ["--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             stdout=log,

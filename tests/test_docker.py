@@ -117,11 +117,23 @@ def test_docker_stop_saves_and_the_same_docker_run_resumes(image, tmp_path):
 
 def test_compile_works_in_the_image(image, tmp_path):
     """torch.compile builds kernels when it runs (inductor with g++ on CPU; triton with a C
-    compiler and Python.h on GPU): the image carries what that needs."""
-    train = ["train", *SMOKE, "--compile", "--run-dir", "/tmp/compiled"]
-    run = sh("docker", "run", "--rm", TAG, *train, timeout=900)
+    compiler and Python.h on GPU): the image carries what that needs. And `cifar-job test`
+    scores a compiled run's best checkpoint as training did (loading once left the compiled
+    network's random weights in place); a compiled network rounds a little differently."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chown(runs, 1000, 1000)
+    train = ["train", *SMOKE[:-1], "--max-epochs", "1", "--compile", "--run-dir", "/runs/c"]
+    run = sh("docker", "run", "--rm", "-v", f"{runs}:/runs", TAG, *train, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "test/acc " in run.stdout
+    results = json.loads((runs / "c" / "results.json").read_text())
+    test = ["test", "--ckpt", results["best_checkpoint"], "--json"]
+    tested = sh("docker", "run", "--rm", "-v", f"{runs}:/runs", TAG, *test, timeout=900)
+    assert tested.returncode == 0, tested.stdout[-2000:] + tested.stderr[-3000:]
+    metrics = json.loads(tested.stdout)
+    assert metrics["test/loss"] == pytest.approx(results["test/loss"], rel=1e-3)
+    assert metrics["test/acc"] == pytest.approx(results["test/acc"], abs=0.01)
 
 
 def test_image_is_torchs_cuda_wheels_and_little_else(image):

@@ -186,3 +186,30 @@ def test_container_templates_mount_the_data_and_run_directories_wherever_they_ar
     assert data.is_dir() and (submit / "runs" / "x").is_dir()
     for template in ("ddp_4gpu_pyxis.sh", "ddp_4gpu_apptainer.sh"):
         assert "$(cifar_job_host_dirs" in (REPO / "slurm" / template).read_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "mask", "threads"),
+    [
+        ({"SLURM_CPUS_PER_TASK": "3"}, None, 3),  # --cpus-per-task
+        ({}, {0}, 1),  # no count, but bound to one CPU (task/affinity, cgroups)
+        ({}, None, None),  # neither: Lightning's share of the node
+        ({"SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "2"}, {0}, None),  # the user's
+    ],
+)
+def test_a_tasks_threads_follow_the_cpus_slurm_gave_it(env, mask, threads):
+    """Under srun, training sizes its threads from --cpus-per-task, else from the affinity
+    mask a binding site gives each task; the user's OMP_NUM_THREADS wins."""
+    step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", **env}
+    code = (
+        "import os\n"
+        f"if {mask!r} is not None: os.sched_setaffinity(0, {mask!r})\n"
+        "from cifar_job.slurm import size_threads\n"
+        "print(size_threads())"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **step}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(threads)

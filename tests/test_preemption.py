@@ -13,23 +13,31 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import REPO, assert_each_step_once_as_in_csv, cifar_job
+from conftest import assert_each_step_once_as_in_csv, cifar_job
 from slurmjobs import (
+    MULTINODE,
     ONE_NODE_TWO_TASKS,
+    RUN,
     STEPS_PER_EPOCH,
     SUBMIT_TWO_NODES,
-    TRAIN,
+    TEMPLATE,
+    TOTAL,
+    TWO_NODES,
+    assert_ledger_agrees_with_sacct,
     assert_no_rank_left,
+    assert_owned_by_user,
+    assert_same_weights,
     ckpt_step,
     job_state,
+    last_step_of_start,
     preempt,
     resumed_steps,
+    run_as_user,
     saved_steps,
     sbatch,
     seconds_to_start,
@@ -40,32 +48,7 @@ from slurmjobs import (
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-RUN = [*TRAIN, "--max-epochs", "2", "--deterministic"]
-TOTAL = 2 * STEPS_PER_EPOCH
-TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
-TEMPLATE = str(REPO / "slurm/ddp_4gpu.sh")
-MULTINODE = str(REPO / "slurm/ddp_multinode.sh")
 GRACE_TIME = 10  # seconds, the `low` partition's (tests/cluster/start.sh)
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-
-
-@dataclass
-class Uninterrupted:
-    """A run trained whole by a template: the weights every stopped run must end with, and
-    the run itself, which is also the template's own test (see the first tests below)."""
-
-    weights: dict[str, torch.Tensor]
-    run_dir: Path
-    log: str
-
-
-def assert_same_weights(run_dir: Path, reference: Uninterrupted) -> None:
-    got, expected = weights(run_dir), reference.weights
-    different = [name for name in expected if not torch.equal(expected[name], got[name])]
-    assert got.keys() == expected.keys() and not different, f"{len(different)} tensors differ"
 
 
 def random_steps(count: int, gap: int) -> list[int]:
@@ -79,7 +62,11 @@ def random_steps(count: int, gap: int) -> list[int]:
 
 
 def submit_template(
-    tmp_path: Path, run_dir: Path, *sbatch_args: str, train: tuple[str, ...] = ()
+    tmp_path: Path,
+    run_dir: Path,
+    *sbatch_args: str,
+    train: tuple[str, ...] = (),
+    as_ordinary_user: bool = False,
 ) -> tuple[str, Path]:
     """The one-node template on 2 tasks, as a user submits it; its job id and log."""
     job = sbatch(
@@ -89,31 +76,10 @@ def submit_template(
         *RUN,
         *train,
         cwd=tmp_path,
+        as_ordinary_user=as_ordinary_user,
         RUN_DIR=str(run_dir),
     )
     return job, tmp_path / f"slurm-cifar-job-{job}.out"
-
-
-def uninterrupted(tmp: Path, *layout_and_template: str) -> Uninterrupted:
-    """The training run whole, in the never-preempted `debug` partition."""
-    job = sbatch(*layout_and_template, *RUN, cwd=tmp, RUN_DIR=str(tmp / "run"))
-    log = (tmp / f"slurm-cifar-job-{job}.out").read_text
-    assert wait_done(job) == "COMPLETED", log()
-    assert ckpt_step(tmp / "run") == TOTAL
-    return Uninterrupted(weights(tmp / "run"), tmp / "run", log())
-
-
-@pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
-    """sbatch slurm/ddp_4gpu.sh, 1 node x 2 tasks, uninterrupted."""
-    return uninterrupted(tmp_path_factory.mktemp("reference"), *ONE_NODE_TWO_TASKS, TEMPLATE)
-
-
-@pytest.fixture(scope="module")
-def reference_two_nodes(cluster, tmp_path_factory: pytest.TempPathFactory) -> Uninterrupted:
-    """sbatch slurm/ddp_multinode.sh, 2 nodes x 1 task, uninterrupted. Not bitwise the same
-    as 1 x 2: the reduction order across hosts differs."""
-    return uninterrupted(tmp_path_factory.mktemp("reference2"), *TWO_NODES, MULTINODE)
 
 
 def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(reference):
@@ -121,6 +87,16 @@ def test_sbatch_ddp_4gpu_template_runs_one_node_two_tasks(reference):
     assert "test/acc " in reference.log  # global batch 40 split over 2 ranks: TOTAL steps
     assert "test/acc" in json.loads((reference.run_dir / "results.json").read_text())
     assert_no_rank_left(reference.run_dir)
+    # Its hours: no faults, so nothing trained again, no stop, no wait, no hang; goodput is
+    # its training time over its allocation.
+    found = assert_ledger_agrees_with_sacct(reference.run_dir, reference.job)
+    (start,) = found["starts"]
+    assert start["resumed_at"] == 0 and start["reached"] == TOTAL
+    assert start["recomputed_steps"] == 0
+    spent = found["node_seconds"]
+    assert spent["recomputed"] == spent["stop"] == spent["queue"] == spent["hang"] == 0
+    assert spent["kept"] > 0 and spent["startup"] > 0 and spent["evaluation"] > 0
+    assert found["goodput"] == pytest.approx(spent["kept"] / found["node_seconds_total"], abs=1e-3)
 
 
 def test_sbatch_multinode_template_runs_two_nodes(reference_two_nodes):
@@ -135,11 +111,15 @@ def test_sbatch_multinode_template_runs_two_nodes(reference_two_nodes):
 def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(
     reference, mlflow_server, tmp_path
 ):
-    """Also tracked on the MLflow server: one MLflow run whatever the requeues."""
+    """Submitted by an ordinary user, as on a site: its job requeues itself, and every file
+    it writes is the user's, within the user's umask. Also tracked on the MLflow server: one
+    MLflow run whatever the requeues."""
     run_dir = tmp_path / "run"
     tracking = ("--tracker", "mlflow", "--tracking-uri", mlflow_server.uri)
     tracking += ("--experiment", "preempted-twice")
-    job, log = submit_template(tmp_path, run_dir, "-p", "low", train=tracking)
+    job, log = submit_template(
+        tmp_path, run_dir, "-p", "low", train=tracking, as_ordinary_user=True
+    )
     at, preemptors = random_steps(2, gap=8), []
     for start, step in enumerate(at, 1):
         # Logs are appended across requeues: only this start's lines count.
@@ -162,6 +142,15 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(
     print(f"preemption to nodes free: {waits} s (GraceTime {GRACE_TIME} s)")
     assert all(w < GRACE_TIME for w in waits), waits
     assert_no_rank_left(run_dir)
+    assert_owned_by_user(run_dir)
+    # Its hours: each preemption's stop, from SIGTERM to the nodes given back, well within
+    # GraceTime; a queue wait before each later start, as sacct has it; nothing trained again.
+    found = assert_ledger_agrees_with_sacct(run_dir, job)
+    stops = [s["node_seconds"]["stop"] / s["nodes"] for s in found["starts"]]
+    assert all(0 < s < GRACE_TIME for s in stops[:2]) and stops[2] == 0, stops
+    assert [s["recomputed_steps"] for s in found["starts"]] == [0, 0, 0]
+    assert all(s["node_seconds"]["queue"] > 0 for s in found["starts"][1:])
+    print("\n" + cifar_job("hours", str(run_dir)).stdout)
 
     # One MLflow run for the three starts, each step once with the CSV's values; its status
     # history: killed twice by the preemptions, then finished.
@@ -181,16 +170,11 @@ def test_template_job_preempted_twice_ends_like_an_uninterrupted_run(
 def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(
     reference_two_nodes, tmp_path
 ):
+    """`cifar-job submit` by an ordinary user, as on a site."""
     run_dir = tmp_path / "run"
-    result = cifar_job(
-        *SUBMIT_TWO_NODES,
-        "--partition",
-        "low",
-        "--accelerator",
-        "cpu",
-        *RUN,
-        "--run-dir",
-        str(run_dir),
+    result = run_as_user(
+        *(sys.executable, "-m", "cifar_job", *SUBMIT_TWO_NODES, "--partition", "low"),
+        *("--accelerator", "cpu", *RUN, "--run-dir", str(run_dir)),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -208,39 +192,33 @@ def test_submitted_two_node_job_preempted_twice_ends_like_an_uninterrupted_run(
     assert text.count("preempted, and the save is whole: requeueing job") == 2
     assert "of at most" not in text  # no requeue of the script's own (a time limit's)
     assert_no_rank_left(run_dir)
+    assert_owned_by_user(run_dir)
     info = json.loads(cifar_job("status", str(run_dir), "--json").stdout)
     assert info["state"] == "finished" and info["restarts"] == 2
 
 
-def test_admin_requeue_mid_epoch_resumes_to_identical_weights(reference, tmp_path):
+def test_admin_requeue_then_cancel_resume_to_identical_weights(reference, tmp_path):
+    """An admin's `scontrol requeue` (SIGTERM, then KillWait): the job saves and Slurm
+    requeues it. In its second start `scancel` (SIGTERM): it saves again and ends CANCELLED,
+    and a resubmission resumes. The run ends with the uninterrupted run's weights."""
     run_dir = tmp_path / "run"
     job, log = submit_template(tmp_path, run_dir)
-    (step,) = random_steps(1, gap=0)
-    wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
+    first, second = random_steps(2, gap=8)
+    wait_for_text(log.name, tmp_path, f" step {first}/{TOTAL}")
     subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM, then KillWait
-    assert wait_done(job, timeout=300) == "COMPLETED", log.read_text()[-3000:]
+    wait_for_step(log.name, tmp_path, second, after="start 2 on")
+    subprocess.run(["scancel", job], check=True)
+    assert wait_done(job) == "CANCELLED", log.read_text()[-3000:]
     text = log.read_text()
     saved = saved_steps(text)
-    assert len(saved) == 1 and saved[0] >= step and resumed_steps(run_dir) == [None, *saved]
-    assert_same_weights(run_dir, reference)
+    assert len(saved) == 2 and saved[0] >= first and saved[1] >= second, (saved, first, second)
     assert "requeueing job" not in text  # Slurm's requeue, not a second one from the script
-    assert_no_rank_left(run_dir)
-
-
-def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference, tmp_path):
-    run_dir = tmp_path / "run"
-    job, log = submit_template(tmp_path, run_dir)
-    (step,) = random_steps(1, gap=0)
-    wait_for_text(log.name, tmp_path, f" step {step}/{TOTAL}")
-    subprocess.run(["scancel", job], check=True)
-    assert wait_done(job) == "CANCELLED"
-    (saved,) = saved_steps(log.read_text())
-    assert saved >= step and ckpt_step(run_dir) == saved  # saved within KillWait (5 s here)
+    assert ckpt_step(run_dir) == saved[1]  # saved within KillWait (5 s here)
     marker = json.loads((run_dir / "decision.json").read_text())
     assert marker == {
         "action": "wait",
         "requeue": False,
-        "step": saved,
+        "step": saved[1],
         "signal": "SIGTERM",
         "saved": True,
     }
@@ -249,7 +227,7 @@ def test_cancelled_job_saves_ends_cancelled_and_a_resubmission_resumes(reference
 
     again, _ = submit_template(tmp_path, run_dir)
     assert wait_done(again) == "COMPLETED"
-    assert resumed_steps(run_dir) == [None, saved]
+    assert resumed_steps(run_dir) == [None, *saved]
     assert_same_weights(run_dir, reference)
 
 
@@ -300,6 +278,10 @@ def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
     assert len(starts) == 2 and starts[1] >= last_saved > 0, (starts, last_saved, reached)
     assert starts[1] % STEPS_PER_EPOCH, starts  # mid-epoch: not an epoch-end checkpoint
     print(f"lost node: reached step {reached}, resumed from {starts[1]}")
+    # The ledger counts exactly the steps between the last save and the loss as trained again.
+    found = assert_ledger_agrees_with_sacct(run_dir, job)
+    lost = last_step_of_start(log.read_text(), 1) - starts[1]
+    assert [s["recomputed_steps"] for s in found["starts"]] == [0, lost], found["starts"]
     assert ckpt_step(run_dir) == TOTAL
     assert_same_weights(run_dir, reference_two_nodes)
     assert_no_rank_left(run_dir)

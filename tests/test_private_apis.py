@@ -30,3 +30,29 @@ def test_submitits_script_writer_is_what_submit_dry_run_calls():
     writer = submitit.SlurmExecutor._make_submission_file_text
     assert list(inspect.signature(writer).parameters) == ["self", "command", "uid"]
     assert isinstance(submitit.SlurmExecutor.__dict__.get("_submitit_command_str"), property)
+
+
+def test_what_the_watchdog_saves_a_hang_with(tmp_path):
+    """watchdog.py saves the last completed step from its thread with the Trainer's own
+    checkpoint writer (trainer._checkpoint_connector.dump_checkpoint), patches in the loop's
+    progress counters as LastStep noted them, read from the epoch loop's attributes (plain()
+    must give what their state_dict() gives), and copies buffers with torch._foreach_copy_."""
+    import torch
+
+    from cifar_job.watchdog import LastStep, plain
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert callable(trainer._checkpoint_connector.dump_checkpoint)
+    assert (
+        "weights_only"
+        in inspect.signature(trainer._checkpoint_connector.dump_checkpoint).parameters
+    )
+    loop = trainer.fit_loop.epoch_loop
+    last = LastStep(trainer, forwards=0, updates=0)
+    state = trainer.fit_loop.state_dict()
+    for key, value in last.loops.items():
+        assert state[key] == value, key  # the same keys and values as Lightning's own
+    assert plain(loop.batch_progress) == loop.batch_progress.state_dict()
+    live, shadow = [torch.ones(3), torch.ones(2)], [torch.zeros(3), torch.zeros(2)]
+    torch._foreach_copy_(shadow, live)
+    assert all(torch.equal(a, b) for a, b in zip(live, shadow))

@@ -78,6 +78,17 @@ def test_a_sweep_runs_as_one_array_and_each_element_resumes_alone(cluster, mlflo
     status = cifar_job("status", str(sweep))
     assert status.returncode == 0, status.stderr
     assert status.stdout.count("finished") == 4 and "lr-0.05_seed-1" in status.stdout
+    # The sweep's hours: each run's, from sacct (array elements are jobs of their own), and
+    # the sum; the requeued element's second start waited in the queue.
+    spent = cifar_job("hours", str(sweep), "--json", "--plot", str(tmp_path / "hours.png"))
+    assert spent.returncode == 0, spent.stderr
+    hours = json.loads(spent.stdout)
+    assert [len(r["starts"]) for r in hours["runs"]] == [1, 2, 1, 1]
+    assert all(r["slurm"] == "sacct" for r in hours["runs"])
+    assert hours["runs"][1]["starts"][1]["node_seconds"]["queue"] > 0
+    total = sum(r["node_seconds_total"] for r in hours["runs"])
+    assert hours["node_seconds_total"] == pytest.approx(total, abs=0.01)
+    assert 0 < hours["goodput"] < 1 and (tmp_path / "hours.png").stat().st_size > 1000
     compared = cifar_job("compare", str(sweep), "--json", "--plot")
     assert compared.returncode == 0, compared.stderr
     table = json.loads(compared.stdout)

@@ -86,6 +86,32 @@ def test_a_stop_signal_ends_a_process_stuck_in_a_collective_within_its_budget(tm
     assert children.stdout.strip() == ""  # rank 1 went with it
 
 
+def test_a_healthy_rank_saves_the_last_step_of_a_hang_and_the_rerun_loses_nothing(tmp_path):
+    """Rank 1 stops itself (SIGSTOP) in step 6, after step 5, as a stalled node; rank 0
+    waits in step 6's gradient all-reduce, its weights still those of step 5. Its watchdog
+    names rank 1, saves step 5 from its own thread and ends the start (124). The same command
+    then resumes at step 5: no step lost. (tests/test_hangs.py does it on two nodes, and
+    checks the weights against an uninterrupted run's.)"""
+    hung = tmp_path / "hung"
+    once = ["--hang-timeout", "10", "--checkpoint-every", "0"]
+    proc = start(hung, *DDP, *once, CIFAR_JOB_FAULT="stop:5:1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 124, err[-3000:]
+    assert "cifar-job: hang: rank 1 on " in err and "saved step 5, the last completed one" in err
+    record = json.loads((hung / "hang.json").read_text())
+    assert record["saved_step"] == 5 and [s["rank"] for s in record["stopped"]] == [1]
+    assert json.loads((hung / "decision.json").read_text())["saved"] is True
+    assert (hung / "latest").read_text().strip() == "step-00000005.ckpt"
+    left = subprocess.run(["pgrep", "-f", str(hung)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""  # the stopped rank went with it
+
+    rerun = start(hung, *DDP, *once)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    (_, resumed) = [e["step"] for e in events(hung) if e["event"] == "start"]
+    assert resumed == 5
+
+
 def test_a_second_sigterm_outside_slurm_ends_the_process_at_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, CIFAR_JOB_FAULT="hang:2")

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Starts a real two-node Slurm cluster on this one machine, for the tests marked `slurm`:
-# Debian's slurmctld, two slurmd "nodes" (n1, n2) on loopback, munge, and 4 fake GPUs per
-# node so that --gpus-per-node and --gres schedule (torch still sees none and uses gloo).
+# Debian's slurmctld, two slurmd "nodes" (n1, n2), munge, 4 fake GPUs per node so that
+# --gpus-per-node and --gres schedule (torch still sees none and uses gloo), and accounting
+# as sites keep it: slurmdbd on a MariaDB database, which `sacct` reads.
+# Each node is a network namespace of its own, with its own address and host name on a
+# private test network that only this machine has (10.77.0.0/24, on a bridge with the
+# controller at 10.77.0.1): a wrong MASTER_ADDR, a host name that resolves on one node only,
+# or gloo on the wrong interface fail here as they would on a site. And an ordinary user,
+# cifarjob, for the tests that submit as a site's users do.
 # Installs the packages when missing. Idempotent: a running cluster is left as it is.
 # Needs root and Debian or Ubuntu. Usage: tests/cluster/start.sh; tests/cluster/stop.sh
 set -euo pipefail
@@ -11,24 +17,58 @@ STATE=${SLURM_TEST_STATE:-/var/lib/cifar-job-slurm}
 GRACE_TIME=${GRACE_TIME:-10}        # seconds a preempted job in "low" has to save
 
 
-if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  echo "slurm: installing slurmctld, slurmd, slurm-client and munge (apt)"
+DB=cifar_job_slurm_acct             # the accounting database, on the machine's MariaDB
+DB_USER=cifar_job_slurmdbd
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null ||
+   ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null; then
+  echo "slurm: installing slurmctld, slurmd, slurmdbd, slurm-client, munge and mariadb-server (apt)"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurmd slurmctld slurm-client munge >/dev/null
+  apt-get install -y -qq --no-install-recommends \
+    slurmd slurmctld slurmdbd slurm-client munge mariadb-server >/dev/null
 fi
 
+# An ordinary user for the jobs that run as on a site: not root, and a home directory that
+# does not exist, so nothing a job does may depend on writing there.
+id cifarjob >/dev/null 2>&1 ||
+  useradd --system --no-create-home --home-dir /nonexistent --shell /bin/bash cifarjob
+
 host=$(hostname -s)
-for n in n1 n2; do
-  grep -qE "^127\.0\.0\.1[[:space:]]+$n\$" /etc/hosts || echo "127.0.0.1 $n" >> /etc/hosts
+NET=10.77.0        # the test network: the controller at .1, node nI at .1I
+BRIDGE=cifarjob0
+ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
+ip addr show dev "$BRIDGE" | grep -q "inet $NET.1/24" || ip addr add "$NET.1/24" dev "$BRIDGE"
+ip link set "$BRIDGE" up
+for i in 1 2; do
+  ns=cifar-job-n$i
+  ip netns list | grep -qw "$ns" || ip netns add "$ns"
+  if ! ip link show "cjn$i" >/dev/null 2>&1; then
+    ip link add "cjn$i" type veth peer name eth0 netns "$ns"
+    ip link set "cjn$i" master "$BRIDGE" up
+    ip -n "$ns" addr add "$NET.1$i/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    # No route beyond the test network: nothing a node does leaves this machine, and a name
+    # server it cannot reach fails at once (with a route, each of c10d's reverse look-ups
+    # waited 10 s for one).
+  fi
+  sed -i "/[[:space:]]n$i\$/d" /etc/hosts
+  echo "$NET.1$i n$i" >> /etc/hosts
 done
+# Where Docker has set the FORWARD policy to DROP, node-to-node traffic across the bridge
+# would be dropped with it.
+if command -v iptables >/dev/null; then
+  iptables -C FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null ||
+    iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT
+fi
 for i in 0 1 2 3; do [ -e /dev/fakegpu$i ] || mknod /dev/fakegpu$i c 1 3; done
 mkdir -p /etc/slurm "$STATE/ctld" "$STATE/log" /var/spool/slurmd /run/munge
 
 conf=$(mktemp)
 cat > "$conf" <<CONF
 ClusterName=cifarjob
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($NET.1)
 SlurmUser=root
 AuthType=auth/munge
 # AuthInfo cred_expire=10 and a 1-2 s scheduler: a requeued job restarts in ~11 s, not ~160 s.
@@ -46,15 +86,16 @@ SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-AccountingStorageType=accounting_storage/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 MailProg=/bin/true
 ReturnToService=2
 MinJobAge=600
 KillWait=5
 MpiDefault=none
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
+NodeName=n1 NodeHostname=n1 NodeAddr=$NET.11 Port=17001 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
+NodeName=n2 NodeHostname=n2 NodeAddr=$NET.12 Port=17002 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
 # Preemption as production clusters set it up: a job in "high" preempts one in "low", which
 # gets SIGTERM (not its --signal) and SIGKILL after GraceTime, and Slurm requeues it.
 # "debug", the default, is never preempted.
@@ -65,25 +106,56 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP PriorityTi
 PartitionName=low Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
 PartitionName=high Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 CONF
+chmod 644 "$conf"  # every user's sbatch and srun read it (mktemp made it 0600)
+[ ! -e /etc/slurm/slurm.conf ] || chmod 644 /etc/slurm/slurm.conf
 # A running cluster with this very configuration is left as it is; any change restarts it.
 # Both nodes answer: idle, or running jobs (a "*" suffix would say a node does not respond).
 nodes_up() { [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -cxE 'idle|mixed|allocated|completing')" = 2 ]; }
-if cmp -s "$conf" /etc/slurm/slurm.conf && nodes_up; then
+if cmp -s "$conf" /etc/slurm/slurm.conf && nodes_up && pgrep -x slurmdbd >/dev/null; then
   rm -f "$conf"; echo "slurm: already running"; exit 0
 fi
 pkill -x slurmd || true
 pkill -x slurmctld || true
+pkill -x slurmdbd || true
 # A slurmd may wait on its jobs' last RPCs for seconds; a daemon still stopping would keep
 # its replacement from starting below.
-for _ in $(seq 80); do { pgrep -x slurmd || pgrep -x slurmctld; } >/dev/null || break; sleep 0.25; done
+for _ in $(seq 80); do { pgrep -x slurmd || pgrep -x slurmctld || pgrep -x slurmdbd; } >/dev/null || break; sleep 0.25; done
 pkill -9 -x slurmd || true
 pkill -9 -x slurmctld || true
+pkill -9 -x slurmdbd || true
 # A cluster that starts again starts empty. Jobs saved by a controller that was not stopped
 # (a machine image taken mid-run, a crash) would come back RUNNING with no process behind
 # them and hold both nodes allocated for ever.
 pkill -9 -x slurmstepd || true
 rm -rf "${STATE:?}/ctld"/* /var/spool/slurmd/*
 mv "$conf" /etc/slurm/slurm.conf
+
+# The accounting database, new with the cluster's job ids (they start again at 1).
+if ! mysqladmin ping >/dev/null 2>&1; then
+  if [ -x /etc/init.d/mariadb ]; then /etc/init.d/mariadb start >/dev/null
+  else mkdir -p /run/mysqld && chown mysql /run/mysqld && (mysqld_safe >/dev/null 2>&1 &); fi
+  for _ in $(seq 60); do mysqladmin ping >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+DB_PASS=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+mysql <<SQL
+DROP DATABASE IF EXISTS $DB;
+CREATE DATABASE $DB;
+CREATE USER IF NOT EXISTS '$DB_USER'@'localhost';
+ALTER USER '$DB_USER'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON $DB.* TO '$DB_USER'@'localhost';
+SQL
+install -m 600 /dev/stdin /etc/slurm/slurmdbd.conf <<CONF
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=$DB_USER
+StoragePass=$DB_PASS
+StorageLoc=$DB
+LogFile=$STATE/log/slurmdbd.log
+PidFile=/run/slurmdbd.pid
+CONF
 cat > /etc/slurm/gres.conf <<CONF
 AutoDetect=off
 NodeName=n[1-2] Name=gpu Type=fake File=/dev/fakegpu[0-3]
@@ -92,9 +164,15 @@ CONF
 [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
 chown munge:munge /etc/munge/munge.key /run/munge; chmod 400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+slurmdbd
+for _ in $(seq 60); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 0.25; done
+sacctmgr -i add cluster cifarjob >/dev/null
 pgrep -x slurmctld >/dev/null || slurmctld
 for n in n1 n2; do
-  pgrep -f "slurmd -N $n" >/dev/null || slurmd -N "$n"
+  # In the node's network namespace, with its host name: its jobs see that node alone.
+  # (nsenter, not `ip netns exec`, which mounts a /sys without the cgroup tree slurmd needs.)
+  pgrep -f "slurmd -N $n" >/dev/null ||
+    nsenter --net="/run/netns/cifar-job-$n" unshare --uts sh -c "hostname $n && exec slurmd -N $n"
 done
 
 for _ in $(seq 60); do

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Takes the test harness back to the state of a new machine, so that the next run of the
 # container and cluster tests starts from nothing, as CI on a fresh machine does: stops the
-# Slurm cluster and the Docker engine, then deletes their state, enroot's and pyxis's state
-# with the image cache, every Docker image (the debootstrap base included), and the
-# wheelhouse and dist/ of the image build. Installed packages and the enroot and pyxis
+# Slurm cluster and the Docker engine, then deletes their state (the accounting database
+# too), enroot's and pyxis's state with the image cache, every Docker image (the debootstrap
+# base included), and the wheelhouse and dist/ of the image build. Installed packages and the enroot and pyxis
 # builds stay (a fresh machine installs those in about a minute).
 # Usage: tests/cluster/wipe.sh, or `make test-containers-fresh`. Needs root.
 set -euo pipefail
@@ -30,10 +30,15 @@ stop() {
 if command -v sinfo >/dev/null; then "$REPO/tests/cluster/stop.sh" >/dev/null 2>&1 || true; fi
 stop slurmd
 stop slurmctld
+stop slurmdbd
+if mysqladmin ping >/dev/null 2>&1; then mysql -e "DROP DATABASE IF EXISTS cifar_job_slurm_acct"; fi
 stop squashfuse
 unmount_under "$ENROOT_STATE"
 rm -rf "$SLURM_STATE" "$ENROOT_STATE" /var/spool/slurmd
-rm -f /etc/slurm/slurm.conf /etc/slurm/gres.conf /etc/slurm/plugstack.conf.d/pyxis.conf
+for n in n1 n2; do ip netns del "cifar-job-$n" 2>/dev/null || true; done
+ip link del cifarjob0 2>/dev/null || true
+iptables -D FORWARD -i cifarjob0 -o cifarjob0 -j ACCEPT 2>/dev/null || true
+rm -f /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf /etc/slurm/gres.conf /etc/slurm/plugstack.conf.d/pyxis.conf
 
 if docker info >/dev/null 2>&1; then
   docker ps -aq | xargs -r docker rm -f >/dev/null 2>&1 || true

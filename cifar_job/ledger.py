@@ -1,0 +1,453 @@
+"""Where the node-hours went: each start's phases, as the run directory records them, and
+`cifar-job hours`, which splits the allocation into kept and recomputed training, saves and
+loads, start-up, evaluation, stops, queue waits, hangs and what no record explains.
+
+What a start records (rank 0, in events.jsonl: one line each, appended, fsynced, so a SIGKILL
+loses at most the line being written), with its wall-clock time:
+
+- `start`: the process's own start (from /proc, so the interpreter and imports count), the
+  allocation's start as Slurm gives it, the nodes, the step it resumes from, and the step
+  and time the previous start last reached (read from `reached.bin`, below);
+- `data` once the data is in memory, `train` when training begins, `first_step`;
+- `load` and `save`, with their durations; `eval`, with its duration, per validation or test;
+- `signal` when a stop signal arrives (the watchdog's thread sees it at once), `hang` with
+  the time without progress, `exit` and `end` as the process ends.
+
+The last step a start completed must be known exactly even after a SIGKILL, to count the
+steps the next start trains again: rank 0 writes it, with its time, into a memory-mapped
+16-byte file at every step (a store to memory, no system call). The kernel keeps the page
+when the process dies; the next start reads it before training.
+
+Slurm's view: where `sacct` answers, each start's allocation (start, end, nodes) and the
+queue wait before it come from Slurm's accounting; elsewhere the ledger says so and uses the
+run directory's records alone.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cifar_job import events
+from cifar_job.rundir import REACHED
+
+# Kept training first: the one useful share. Then what the allocation spent otherwise.
+CATEGORIES = (
+    ("kept", "kept training"),
+    ("recomputed", "recomputed training"),
+    ("checkpoint", "checkpoint save and load"),
+    ("startup", "start-up"),
+    ("evaluation", "evaluation"),
+    ("stop", "stop and grace"),
+    ("queue", "queue wait between starts"),
+    ("hang", "hang"),
+    ("unaccounted", "unaccounted"),
+)
+_COUNTER = struct.Struct("<qd")  # the last completed step and its wall-clock time
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def process_started() -> float:
+    """This process's start, wall clock (Linux's /proc; elsewhere now)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def allocation_started() -> float | None:
+    """When Slurm started this job's allocation (this start's), if it says."""
+    try:
+        return float(os.environ["SLURM_JOB_START_TIME"])
+    except (KeyError, ValueError):
+        return None
+
+
+class StepCounter:
+    """reached.bin: the last completed step and when, written at every step through a
+    memory map (a few hundred nanoseconds), read by the next start and by `hours`."""
+
+    def __init__(self, run_dir: Path) -> None:
+        path = run_dir / REACHED
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, _COUNTER.size)
+            self.map = mmap.mmap(fd, _COUNTER.size)
+        finally:
+            os.close(fd)
+
+    def write(self, step: int) -> None:
+        _COUNTER.pack_into(self.map, 0, step, time.time())
+
+    def close(self) -> None:
+        self.map.close()
+
+
+def read_reached(run_dir: Path) -> dict[str, Any] | None:
+    """The step the newest start last completed and its time, or None."""
+    try:
+        data = (Path(run_dir) / REACHED).read_bytes()
+        step, when = _COUNTER.unpack(data[: _COUNTER.size])
+    except (OSError, struct.error):
+        return None
+    return {"step": step, "time": when} if when > 0 else None
+
+
+# ----------------------------------------------------------------------------- Slurm
+
+
+@dataclass
+class Allocation:
+    """One start's allocation as Slurm's accounting has it."""
+
+    start: float
+    end: float | None  # None while it runs
+    eligible: float | None
+    nodes: int
+    state: str
+
+
+def sacct(job: str) -> tuple[list[Allocation], str | None]:
+    """Every allocation of the job (each requeue is one, --duplicates), oldest first, or []
+    and why sacct gave none."""
+    fields = "JobID,Eligible,Start,End,State,NNodes"
+    cmd = ["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", fields]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"sacct: {e}"
+    if out.returncode != 0:
+        return [], (out.stderr.strip().splitlines() or ["sacct failed"])[-1]
+    found = []
+    for line in out.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) != 6 or parts[0] != job:
+            continue
+        start = _slurm_time(parts[2])
+        if start is None:
+            continue  # never started (pending, or cancelled while pending)
+        found.append(
+            Allocation(
+                start, _slurm_time(parts[3]), _slurm_time(parts[1]), int(parts[5] or 1), parts[4]
+            )
+        )
+    if not found:
+        return [], f"sacct has no allocation of job {job}"
+    return sorted(found, key=lambda a: a.start), None
+
+
+def _slurm_time(text: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None  # Unknown, None
+
+
+# ----------------------------------------------------------------------------- the ledger
+
+
+@dataclass
+class Start:
+    """One start's records, and its share of the hours once computed."""
+
+    number: int
+    job: str | None
+    nodes: int
+    begin: float  # the allocation's start (Slurm's), else the process's
+    process: float
+    resumed: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    # What reached.bin held as it began: the last step of the newest start that trained.
+    found_reached: dict[str, Any] | None = None
+    reached: dict[str, Any] | None = None  # this start's last completed step, and when
+    end: float | None = None  # the allocation's end (Slurm's), else the last record
+    seconds: dict[str, float] = field(default_factory=dict)
+    recomputed_steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def split_starts(run_dir: Path) -> list[Start]:
+    """The run's starts from its event log (damaged lines are skipped: their time counts
+    as unaccounted)."""
+    starts: list[Start] = []
+    for event in events.read(run_dir):
+        if event["event"] == "start":
+            t = _number(event.get("time")) or 0.0
+            process = _number(event.get("process")) or t
+            reached = event.get("reached")
+            starts.append(
+                Start(
+                    number=len(starts) + 1,
+                    job=event.get("job"),
+                    nodes=int(event.get("nodes") or 1),
+                    begin=_number(event.get("allocated")) or process,
+                    process=process,
+                    resumed=int(event.get("step") or 0),
+                    found_reached=reached if _is_reached(reached) else None,
+                )
+            )
+        elif starts:
+            starts[-1].records.append(event)
+    return starts
+
+
+def _is_reached(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("step"), int)
+        and isinstance(value.get("time"), (int, float))
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def hours(run_dir: str | Path, use_sacct: bool = True) -> dict[str, Any]:
+    """The run's ledger: per start and in total, node-seconds per category and goodput."""
+    run_dir = Path(run_dir)
+    starts = split_starts(run_dir)
+    slurm = _attach_slurm(starts) if use_sacct else "not asked"
+    last_reached = read_reached(run_dir)
+    for i, start in enumerate(starts):
+        # A start's last step is what the next start found in reached.bin (or, for the
+        # newest, what it holds now), if this start wrote it: after its process began.
+        found = starts[i + 1].found_reached if i + 1 < len(starts) else last_reached
+        if found is not None and found["time"] >= start.process:
+            start.reached = found
+    for i, start in enumerate(starts):
+        _account(start, starts[:i])
+    total = {key: sum(s.seconds.get(key, 0.0) * s.nodes for s in starts) for key, _ in CATEGORIES}
+    whole = sum(total.values())
+    return {
+        "run_dir": str(run_dir),
+        "slurm": slurm or "sacct",
+        "starts": [
+            {
+                "start": s.number,
+                "job": s.job,
+                "nodes": s.nodes,
+                "resumed_at": s.resumed,
+                "reached": s.reached["step"] if s.reached else None,
+                "recomputed_steps": s.recomputed_steps,
+                "node_seconds": {
+                    k: round(s.seconds.get(k, 0.0) * s.nodes, 3) for k, _ in CATEGORIES
+                },
+                "node_seconds_total": round(sum(s.seconds.values()) * s.nodes, 3),
+                "notes": s.notes,
+            }
+            for s in starts
+        ],
+        "node_seconds": {k: round(v, 3) for k, v in total.items()},
+        "node_seconds_total": round(whole, 3),
+        "goodput": round(total["kept"] / whole, 4) if whole > 0 else None,
+    }
+
+
+def _attach_slurm(starts: list[Start]) -> str | None:
+    """Each start's allocation from sacct, matched by time: the allocation that holds the
+    process's start. Returns why Slurm's view is missing, or None."""
+    jobs = sorted({s.job for s in starts if s.job})
+    if not jobs:
+        return "outside Slurm: allocations from the run directory's records"
+    allocations: list[Allocation] = []
+    for job in jobs:
+        found, why = sacct(job)
+        if why is not None:
+            return f"{why}: allocations and queue waits from the run directory's records"
+        allocations += found
+    for start in starts:
+        for a in allocations:
+            if a.start - 1 <= start.process and (a.end is None or start.process <= a.end + 1):
+                start.begin, start.nodes = a.start, a.nodes
+                start.end = a.end if a.end is not None else time.time()
+                start.notes.append(f"Slurm: {a.state}")
+                break
+        else:
+            start.notes.append("no Slurm allocation holds this start: its records alone")
+    return None
+
+
+def _account(start: Start, earlier: list[Start]) -> None:
+    """Split one start's allocation, [begin, end], and the queue wait before it, into the
+    categories (seconds)."""
+    recs = start.records
+    last_record = max((r["time"] for r in recs if _number(r.get("time"))), default=start.process)
+    if start.reached is not None:
+        last_record = max(last_record, start.reached["time"])
+    if start.end is None:
+        start.end = last_record  # without Slurm: the allocation as far as the records go
+        start.notes.append("no end from Slurm: counted to its last record")
+    seconds = start.seconds
+    spans = {  # (begin, end) of each timed record, by kind
+        kind: [(r["time"] - r["s"], r["time"]) for r in recs if r["event"] == kind and _timed(r)]
+        for kind in ("load", "save", "eval")
+    }
+    seconds["checkpoint"] = sum(b - a for a, b in spans["load"] + spans["save"])
+    seconds["evaluation"] = sum(b - a for a, b in spans["eval"])
+    timed = spans["load"] + spans["save"] + spans["eval"]
+    train = _first(recs, "train")
+    train_t = train["time"] if train else None
+    ready = train_t or last_record  # start-up: to training's beginning, less what is timed
+    seconds["startup"] = max(0.0, ready - start.begin - _overlap(timed, start.begin, ready))
+    # Training lasts from its beginning until it stopped: a hang (from its last progress), a
+    # stop signal, the end of fit; or, for a start killed without a word, its last step.
+    # From a hang's last progress, or a stop signal, to the allocation's end: the hang, or
+    # the stop and its grace (less the saves and evaluations in it).
+    hang, signal, fit_end = (_first(recs, kind) for kind in ("hang", "signal", "fit_end"))
+    stopped: tuple[float, str] | None = None
+    if hang is not None:
+        stopped = (hang["time"] - (_number(hang.get("idle_s")) or 0.0), "hang")
+    elif signal is not None:
+        stopped = (signal["time"], "stop")
+    if stopped is not None:
+        t, kind = stopped
+        seconds[kind] = max(0.0, start.end - t - _overlap(timed, t, start.end))
+    ends = [t for t in (stopped and stopped[0], fit_end and fit_end["time"]) if t is not None]
+    if not ends and start.reached is not None:
+        ends = [start.reached["time"]]  # killed without a word: its last step
+    training = 0.0
+    if train_t is not None and ends and min(ends) > train_t:
+        training = min(ends) - train_t - _overlap(timed, train_t, min(ends))
+    # Steps trained again: those past the resumed step that an earlier start had reached.
+    reached_before = [s.reached["step"] for s in earlier if s.reached is not None]
+    start.recomputed_steps = max(0, max(reached_before, default=0) - start.resumed)
+    trained = start.reached["step"] - start.resumed if start.reached is not None else 0
+    share = min(1.0, start.recomputed_steps / trained) if trained > 0 else 0.0
+    seconds["recomputed"] = training * share
+    seconds["kept"] = training - seconds["recomputed"]
+    if earlier and earlier[-1].end is not None:
+        seconds["queue"] = max(0.0, start.begin - earlier[-1].end)
+    known = sum(v for k, v in seconds.items() if k != "queue")
+    seconds["unaccounted"] = max(0.0, (start.end - start.begin) - known)
+
+
+def _timed(record: dict[str, Any]) -> bool:
+    duration = _number(record.get("s"))
+    return _number(record.get("time")) is not None and duration is not None and duration >= 0
+
+
+def _overlap(spans: list[tuple[float, float]], begin: float, end: float) -> float:
+    """Seconds of `spans` (which do not overlap one another) inside [begin, end]."""
+    return sum(max(0.0, min(b, end) - max(a, begin)) for a, b in spans)
+
+
+def _first(records: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    for r in records:
+        if r["event"] == name and _number(r.get("time")) is not None:
+            return r
+    return None
+
+
+# ----------------------------------------------------------------------------- a sweep
+
+
+def sweep_hours(run_dirs: list[Path], use_sacct: bool = True) -> dict[str, Any]:
+    """Every run's ledger and the sweep's totals."""
+    runs = [hours(d, use_sacct) for d in run_dirs if (Path(d) / "events.jsonl").exists()]
+    total = {k: round(sum(r["node_seconds"][k] for r in runs), 3) for k, _ in CATEGORIES}
+    whole = sum(total.values())
+    return {
+        "runs": runs,
+        "node_seconds": total,
+        "node_seconds_total": round(whole, 3),
+        "goodput": round(total["kept"] / whole, 4) if whole > 0 else None,
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _cell(node_seconds: float) -> str:
+    return f"{node_seconds:,.1f}"
+
+
+def render(ledger: dict[str, Any]) -> list[str]:
+    """One run's ledger as a table: node-seconds per category, per start and in total."""
+    starts = ledger["starts"]
+    whole = ledger["node_seconds_total"]
+    nodes = sorted({s["nodes"] for s in starts})
+    lines = [
+        f"{ledger['run_dir']}: {len(starts)} start(s) on {'/'.join(map(str, nodes)) or '?'} "
+        f"node(s), {_cell(whole)} node-seconds ({whole / 3600:.3f} node-hours); "
+        f"Slurm's view: {ledger['slurm']}"
+    ]
+    if not starts:
+        return [*lines, "  no start recorded yet"]
+    heads = [f"start {s['start']}" for s in starts] + ["total", "share"]
+    width = max(11, *(len(_cell(v)) + 2 for v in ledger["node_seconds"].values()))
+    lines.append(f"  {'node-seconds':<28}" + "".join(f"{h:>{width}}" for h in heads))
+    for key, name in CATEGORIES:
+        cells = [_cell(s["node_seconds"][key]) for s in starts]
+        total = ledger["node_seconds"][key]
+        share = f"{100 * total / whole:.1f}%" if whole > 0 else "-"
+        row = "".join(f"{c:>{width}}" for c in [*cells, _cell(total), share])
+        lines.append(f"  {name:<28}{row}")
+    totals = [_cell(s["node_seconds_total"]) for s in starts] + [_cell(whole), "100%"]
+    lines.append(f"  {'total':<28}" + "".join(f"{c:>{width}}" for c in totals))
+    goodput = ledger["goodput"]
+    lines.append(
+        "  goodput (kept training / total): "
+        + (f"{100 * goodput:.1f}%" if goodput is not None else "-")
+    )
+    for s in starts:
+        reached = s["reached"] if s["reached"] is not None else "?"
+        said = f"  start {s['start']}: steps {s['resumed_at']} to {reached}"
+        if s["recomputed_steps"]:
+            said += f", {s['recomputed_steps']} of them trained again"
+        lines.append(said + "".join(f"; {n}" for n in s["notes"]))
+    return lines
+
+
+def render_sweep(sweep: dict[str, Any]) -> list[str]:
+    """A sweep's runs, one line each, and its totals per category."""
+    whole = sweep["node_seconds_total"]
+    lines = [
+        f"{len(sweep['runs'])} run(s), {_cell(whole)} node-seconds ({whole / 3600:.3f} node-hours)"
+    ]
+    for run in sweep["runs"]:
+        good = f"{100 * run['goodput']:.1f}%" if run["goodput"] is not None else "-"
+        lines.append(
+            f"  {run['run_dir']}: {len(run['starts'])} start(s), "
+            f"{_cell(run['node_seconds_total'])} node-seconds, goodput {good}"
+        )
+    for key, name in CATEGORIES:
+        total = sweep["node_seconds"][key]
+        share = f"{100 * total / whole:.1f}%" if whole > 0 else "-"
+        lines.append(f"  {name:<28}{_cell(total):>14}{share:>8}")
+    good = f"{100 * sweep['goodput']:.1f}%" if sweep["goodput"] is not None else "-"
+    lines.append(f"  goodput (kept training / total): {good}")
+    return lines
+
+
+def plot(bars: list[tuple[str, dict[str, float]]], out: Path, title: str) -> Path:
+    """A stacked bar of node-seconds per category for each (label, node_seconds)."""
+    from cifar_job.plot import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(bars) + 3), 4.5))
+    bottoms = [0.0] * len(bars)
+    labels = [label for label, _ in bars]
+    for key, name in CATEGORIES:
+        heights = [ns.get(key, 0.0) for _, ns in bars]
+        ax.bar(labels, heights, bottom=bottoms, label=name)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_ylabel("node-seconds")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return save_figure(fig, out)
