@@ -238,7 +238,7 @@ def assert_matches_golden(output: str, cwd: Path, golden: Path) -> None:
 CLUSTER_HOST = "10.77.0.1"
 
 
-def test_host() -> str:
+def server_host() -> str:
     """Where a server the cluster's jobs must reach listens: the test network's address when
     the cluster runs, else loopback."""
     import socket
@@ -252,14 +252,14 @@ def test_host() -> str:
 
 
 class MlflowServer:
-    """A real `mlflow server` on this machine's test address (test_host): SQLite backend and a
+    """A real `mlflow server` on this machine's test address (server_host): SQLite backend and a
     local artifact store in `root`, on a free port. stop() and start() again keep its data (a
     server that went away and came back)."""
 
     def __init__(self, root: Path) -> None:
         import socket
 
-        self.root, self.host = root, test_host()
+        self.root, self.host = root, server_host()
         with socket.socket() as s:
             s.bind((self.host, 0))
             self.port = s.getsockname()[1]
