@@ -141,7 +141,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().__init__()
         self.resume_path: str | None = None
         self.after_write: Any = None  # the watchdog's: what follows is the save's barrier
-        self.ledger: Path | None = None  # a training run's directory: its loads are recorded
+        self.events_dir: Path | None = None  # a training run's: loads go to its event log
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
@@ -157,9 +157,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             chosen, map_location=map_location, weights_only=weights_only
         )
         run_dir = os.path.realpath(Path(chosen).parent)
-        if self.ledger is not None and rank_zero_only.rank == 0:
+        if self.events_dir is not None and rank_zero_only.rank == 0:  # for the ledger
             took = round(time.monotonic() - began, 4)
-            events.record(self.ledger, "load", step=checkpoint.get("global_step"), s=took)
+            events.record(self.events_dir, "load", step=checkpoint.get("global_step"), s=took)
         return rebase(checkpoint, run_dir)
 
 
@@ -443,7 +443,7 @@ class CheckpointPolicy(Checkpoint):
                 )
             # Every rank loads rank 0's choice, whatever its own view of the directory.
             trainer.strategy.checkpoint_io.resume_path = choices[0]  # type: ignore[union-attr]
-        trainer.strategy.checkpoint_io.ledger = self.run_dir  # type: ignore[union-attr]
+        trainer.strategy.checkpoint_io.events_dir = self.run_dir  # type: ignore[union-attr]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -424,8 +424,6 @@ def submit_grid(
     yes: bool,
 ) -> None:
     """`submit --sweep ...`: plan the grid, write RUN_DIR/sweep.json, submit what is left."""
-    from pathlib import Path
-
     from cifar_job import sweep
     from cifar_job.launch import absolute, sbatch_text
 
@@ -482,8 +480,6 @@ def tracked_sweep(cfg: TrainConfig, plan: dict[str, Any]) -> str | None:
 
     if cfg.tracker != "mlflow" or importlib.util.find_spec("mlflow") is None:
         return None
-    from pathlib import Path
-
     from cifar_job.mlflow_client import client_for, describe, ensure_sweep_parent, say
 
     try:
@@ -599,8 +595,6 @@ def doctor(**options: Any) -> None:
 
 def sweep_status(plan: dict[str, Any], as_json: bool) -> None:
     """One line per run of a sweep: settings, state, epoch, val/acc, restarts."""
-    from pathlib import Path
-
     from cifar_job.status import run_status
 
     rows = []
@@ -661,8 +655,6 @@ def compare(
     From disk:              cifar-job compare runs/sweep runs/other
     From the MLflow server: cifar-job compare --tracking-uri URI --mlflow-run PARENT_ID
     (a sweep's parent run id is in RUN_DIR/tracking.json)."""
-    from pathlib import Path
-
     from cifar_job.plot import plot_curves
     from cifar_job.sweep import compare as compare_runs
     from cifar_job.sweep import compare_on_server

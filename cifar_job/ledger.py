@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_job import events
-from cifar_job.rundir import REACHED
+from cifar_job.rundir import EVENTS, REACHED
 
 # Kept training first: the one useful share. Then what the allocation spent otherwise.
 CATEGORIES = (
@@ -116,7 +116,6 @@ class Allocation:
 
     start: float
     end: float | None  # None while it runs
-    eligible: float | None
     nodes: int
     state: str
 
@@ -124,7 +123,7 @@ class Allocation:
 def sacct(job: str) -> tuple[list[Allocation], str | None]:
     """Every allocation of the job (each requeue is one, --duplicates), oldest first, or []
     and why sacct gave none."""
-    fields = "JobID,Eligible,Start,End,State,NNodes"
+    fields = "JobID,Start,End,State,NNodes"
     cmd = ["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", fields]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -135,16 +134,12 @@ def sacct(job: str) -> tuple[list[Allocation], str | None]:
     found = []
     for line in out.stdout.splitlines():
         parts = line.split("|")
-        if len(parts) != 6 or parts[0] != job:
+        if len(parts) != 5 or parts[0] != job:
             continue
-        start = _slurm_time(parts[2])
+        start = _slurm_time(parts[1])
         if start is None:
             continue  # never started (pending, or cancelled while pending)
-        found.append(
-            Allocation(
-                start, _slurm_time(parts[3]), _slurm_time(parts[1]), int(parts[5] or 1), parts[4]
-            )
-        )
+        found.append(Allocation(start, _slurm_time(parts[2]), int(parts[4] or 1), parts[3]))
     if not found:
         return [], f"sacct has no allocation of job {job}"
     return sorted(found, key=lambda a: a.start), None
@@ -193,10 +188,10 @@ def split_starts(run_dir: Path) -> list[Start]:
                 Start(
                     number=len(starts) + 1,
                     job=event.get("job"),
-                    nodes=int(event.get("nodes") or 1),
+                    nodes=int(_number(event.get("nodes")) or 1),
                     begin=_number(event.get("allocated")) or process,
                     process=process,
-                    resumed=int(event.get("step") or 0),
+                    resumed=int(_number(event.get("step")) or 0),
                     found_reached=reached if _is_reached(reached) else None,
                 )
             )
@@ -358,7 +353,7 @@ def _first(records: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
 
 def sweep_hours(run_dirs: list[Path], use_sacct: bool = True) -> dict[str, Any]:
     """Every run's ledger and the sweep's totals."""
-    runs = [hours(d, use_sacct) for d in run_dirs if (Path(d) / "events.jsonl").exists()]
+    runs = [hours(d, use_sacct) for d in run_dirs if (Path(d) / EVENTS).exists()]
     total = {k: round(sum(r["node_seconds"][k] for r in runs), 3) for k, _ in CATEGORIES}
     whole = sum(total.values())
     return {
@@ -436,9 +431,9 @@ def render_sweep(sweep: dict[str, Any]) -> list[str]:
 
 def plot(bars: list[tuple[str, dict[str, float]]], out: Path, title: str) -> Path:
     """A stacked bar of node-seconds per category for each (label, node_seconds)."""
-    from cifar_job.plot import _pyplot, save_figure
+    from cifar_job.plot import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(bars) + 3), 4.5))
     bottoms = [0.0] * len(bars)
     labels = [label for label, _ in bars]

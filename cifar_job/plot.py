@@ -48,7 +48,7 @@ def read_epoch_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted(values.items()) for key, values in by_epoch.items()}
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot, drawing to files: there is no display on cluster nodes."""
     import matplotlib
 
@@ -60,7 +60,7 @@ def _pyplot():
 
 def save_figure(fig, out: Path) -> Path:
     """Write the figure to `out` in the format its suffix names, and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     formats = fig.canvas.get_supported_filetypes()
     if out.suffix.lstrip(".").lower() not in formats:
         plt.close(fig)
@@ -74,7 +74,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write <run_dir>/curves.png (or `out`) and return its path."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     run_dir = Path(run_dir)
     series = read_epoch_metrics(run_dir)
     results_path = run_dir / RESULTS
@@ -119,7 +119,7 @@ def plot_curves(table: dict[str, Any], out: Path) -> Path:
     """`compare --plot`: val/acc per epoch of every run in `table`, in one figure."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = _pyplot().subplots(figsize=(8, 5))
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     for row in table["runs"]:
         if row["val_acc_curve"]:
             ax.plot(*zip(*row["val_acc_curve"]), marker="o", markersize=3, label=row["name"])
