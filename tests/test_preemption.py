@@ -256,7 +256,12 @@ def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
     every = ["--checkpoint-every", "0.05"]  # 3 s of training
     job = sbatch(*TWO_NODES, MULTINODE, *RUN, *every, cwd=tmp_path, RUN_DIR=str(run_dir))
     log = tmp_path / f"slurm-cifar-job-{job}.out"
-    wait_for_text(log.name, tmp_path, f" step {random.randint(14, 22)}/{TOTAL}")
+    # A few steps after the first periodic save (about 3 s in, mid-epoch 1), lose the node.
+    deadline = time.monotonic() + 120
+    while not (run_dir / "latest").exists():
+        assert time.monotonic() < deadline, "no periodic save"
+        time.sleep(0.1)
+    wait_for_text(log.name, tmp_path, f" step {ckpt_step(run_dir) + random.randint(1, 4)}/")
     try:
         # n2 dies: Slurm marks it DOWN, and its rank is gone before it can save anything.
         last_saved = ckpt_step(run_dir)  # the newest checkpoint when the node is lost
