@@ -71,6 +71,7 @@ bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench
 	$(PY) bench/data_path.py
 	$(PY) bench/lightning_overhead.py 2>/dev/null
 	$(PY) bench/ddp_cpu.py
+	$(PY) bench/binding.py
 	$(PY) bench/checkpoint_cost.py 2>/dev/null
 	$(PY) bench/watchdog_cost.py 2>/dev/null | tail -n 1
 	$(PY) bench/agreement_cost.py --one-rank 2>/dev/null | grep '^agreement'

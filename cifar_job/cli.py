@@ -26,7 +26,13 @@ ENV_DEFAULTS = {
     "run_dir": "CIFAR_JOB_RUN_DIR",
     "tracking_uri": "MLFLOW_TRACKING_URI",
 }
-FIELD_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "str | None": str}
+FIELD_TYPES: dict[str, Any] = {
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "str": str,
+    "str | None": str,
+}
 
 
 class Cli(click.Group):

@@ -110,8 +110,11 @@ class TrainConfig:
     num_nodes: int = _opt(1, "Nodes. Under srun it is read from Slurm's allocation.", resume=FREE)
     strategy: str = _opt("auto", "auto, ddp, ... (Lightning's strategy names).", resume=FREE)
     precision: str = _opt("32", "Numeric precision.", PRECISIONS, resume=FREE)
-    num_workers: int = _opt(
-        2, "DataLoader worker processes per rank (--data-loader torch).", resume=FREE
+    num_workers: int | None = _opt(
+        None,
+        "DataLoader worker processes per rank (--data-loader torch). Default: one per CPU "
+        "the task was given, less one for training (at least 1, at most 8).",
+        resume=FREE,
     )
     channels_last: bool = _opt(
         False, "Channels-last memory format: faster convolutions on GPUs.", resume=FREE
@@ -214,7 +217,7 @@ class TrainConfig:
         bounds = ((positive, 1, "be 1 or more"), (non_negative, 0, "not be negative"))
         for names, low, rule in bounds:
             for name in names:
-                if getattr(self, name) < low:
+                if getattr(self, name) is not None and getattr(self, name) < low:
                     raise OptionError(f"--{dashed(name)} must {rule}, got {getattr(self, name)}")
         if 0 < self.hang_timeout < 10:  # the watchdog's heartbeats come every 2 s
             raise OptionError(

@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from cifar_job.config import parse_devices
+
 # DataLoader workers pass batches through /dev/shm; Docker's default of 64 MiB crashes them.
 MIN_SHM_BYTES = 1 << 30
 
@@ -76,13 +78,13 @@ def checks(
     devices: str,
     num_nodes: int,
     accelerator: str,
-    num_workers: int,
+    num_workers: int | None,
     data_dir: str,
     dataset: str,
     tracking_uri: str | None = None,
 ) -> list[Check]:
     """Preflight checks; each failed one says how to fix it."""
-    from cifar_job.slurm import layout_problems
+    from cifar_job.slurm import layout_problems, loader_workers
 
     info = environment()
     found: list[Check] = []
@@ -155,6 +157,12 @@ def checks(
                     "the job is killed at its limit without a checkpoint",
                 )
             )
+    # As training sizes them, for this node's ranks.
+    wanted = parse_devices(devices)
+    ranks = len(wanted) if isinstance(wanted, list) else wanted if wanted != "auto" else 1
+    num_workers = loader_workers(
+        info["tasks_per_node"] if info["srun_step"] else ranks, num_workers
+    )
     shm = shm_bytes()
     shm_ok = num_workers == 0 or shm is None or shm >= MIN_SHM_BYTES
     found.append(
@@ -170,16 +178,16 @@ def checks(
             ),
         )
     )
-    found.append(binding_check())
+    found.append(binding_check(num_workers))
     found.append(data_check(data_dir, dataset))
     if tracking_uri:
         found.append(tracking_check(tracking_uri))
     return found
 
 
-def binding_check() -> Check:
-    """The CPUs this task may run on, the threads training would start in it, and whether a
-    node's tasks would start more threads than its cores."""
+def binding_check(workers: int) -> Check:
+    """The CPUs this task may run on, the threads and loader workers training would start in
+    it, and whether a node's tasks would start more threads than its cores."""
     from cifar_job.slurm import in_srun_step, task_cpus, tasks_per_node
 
     visible, node = len(os.sched_getaffinity(0)), os.cpu_count() or 1
@@ -193,8 +201,8 @@ def binding_check() -> Check:
     detail = (
         f"this task may run on {visible} of the node's {node} CPUs "
         f"({'bound' if bound else 'not bound'}); Slurm gave it "
-        f"{given if given else 'no count of'} CPUs; training runs {threads} thread(s) a task, "
-        f"{tasks} task(s) a node"
+        f"{given if given else 'no count of'} CPUs; training runs {threads} thread(s) a task "
+        f"(and {workers} DataLoader worker(s) with --data-loader torch), {tasks} task(s) a node"
     )
     over = threads > visible if bound else tasks * threads > node
     if not over:

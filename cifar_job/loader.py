@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cifar_job import OptionError
 from cifar_job.config import TrainConfig
 from cifar_job.dataset import FOLDER, download, load_split, make_synthetic, read_verified, verify
+from cifar_job.slurm import loader_workers
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -265,13 +266,16 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self.cfg.data_loader == "tensor":
             images, labels = self.split_on_device(split)
             return TensorLoader(images, labels, sampler, self.batch_per_rank, drop_last=shuffle)
+        workers = loader_workers(
+            self.trainer.num_devices if self.trainer else 1, self.cfg.num_workers
+        )
         return DataLoader(
             data,
             batch_size=self.batch_per_rank,
             sampler=sampler,
             drop_last=shuffle,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             worker_init_fn=worker_signals,
             pin_memory=torch.cuda.is_available(),
         )

@@ -113,6 +113,25 @@ def size_threads() -> int | None:
     return cpus
 
 
+# More loader workers than this add start-up time and memory, not images per second: one
+# worker crops and flips some 5,000 CIFAR images a second (bench/data_path.py).
+MAX_LOADER_WORKERS = 8
+
+
+def loader_workers(local_ranks: int, wanted: int | None = None) -> int:
+    """DataLoader workers for one rank: `wanted` (--num-workers) where set, else the CPUs the
+    task was given
+    (Slurm's count or its mask, else the CPUs this process may use shared among the node's
+    ranks), less one for the training process; at least 1, at most MAX_LOADER_WORKERS.
+
+    Lightning's suggested_max_num_workers is the last of these alone: where Slurm binds
+    tasks, it would share a task's own mask among the node's ranks once more."""
+    if wanted is not None:
+        return wanted
+    cpus = task_cpus() or len(os.sched_getaffinity(0)) // max(local_ranks, 1)
+    return min(max(cpus - 1, 1), MAX_LOADER_WORKERS)
+
+
 # The image (docker/Dockerfile) writes its version and revision here; nothing else does.
 IMAGE_MARKER = Path("/etc/cifar-job/image.json")
 

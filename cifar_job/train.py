@@ -36,7 +36,13 @@ from cifar_job.mlflow_client import check_client
 from cifar_job.module import CifarClassifier
 from cifar_job.phases import Phases
 from cifar_job.rundir import CONFIG, CURVES, MANIFEST, RESULTS, Lease
-from cifar_job.slurm import check_container, job_id, running_image, size_threads
+from cifar_job.slurm import (
+    check_container,
+    job_id,
+    loader_workers,
+    running_image,
+    size_threads,
+)
 from cifar_job.trainer import build_trainer, end_process_group
 from cifar_job.watchdog import Watchdog, node_name
 
@@ -146,9 +152,11 @@ def fit_and_test(
         kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
         layout = (
             f"{run_dir}: {nodes * devices} process(es) on {nodes} node(s) x {devices} {kind} "
-            f"device(s), {torch.get_num_threads()} CPU thread(s) each, global batch "
-            f"{cfg.batch_size}"
+            f"device(s), {torch.get_num_threads()} CPU thread(s) each"
         )
+        if cfg.data_loader == "torch":
+            layout += f" and {loader_workers(devices, cfg.num_workers)} loader worker(s)"
+        layout += f", global batch {cfg.batch_size}"
         if resume_from:
             layout += f"; resuming from {Path(resume_from).name} at step {resume_step}"
         print(layout, flush=True)

@@ -114,3 +114,29 @@ def test_the_cluster_starts_empty_over_the_state_of_a_controller_that_was_killed
         ["sinfo", "-h", "-N", "-p", "debug", "-o", "%T"], capture_output=True, text=True
     ).stdout.split()
     assert states == ["idle", "idle"]
+
+
+@pytest.mark.slurm
+def test_the_cluster_binds_each_task_to_cpus_of_its_own(cluster, tmp_path: Path):
+    """As sites bind tasks (task/affinity): a node's two one-CPU tasks run on one CPU each,
+    not both on every core; and a 2-node job's tasks on different cores of this machine, as
+    on two machines (n2 numbers the cores the other way round)."""
+
+    def masks(*layout: str) -> dict[str, str]:
+        code = "import os, socket; print(socket.gethostname(), sorted(os.sched_getaffinity(0)))"
+        out = subprocess.run(
+            ["srun", *layout, "--cpus-per-task=1", "-l", "python3", "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return dict(line.split(": ", 1) for line in out.stdout.splitlines())
+
+    one_node = masks("-N1", "--ntasks-per-node=2")
+    cpus = {m.split(" ", 1)[1] for m in one_node.values()}
+    assert len(cpus) == 2 and all(c.count(",") == 0 for c in cpus), one_node
+    two_nodes = masks("-N2", "--ntasks-per-node=1")
+    assert [m.split()[0] for m in two_nodes.values()] == ["n1", "n2"], two_nodes
+    assert len({m.split(" ", 1)[1] for m in two_nodes.values()}) == 2, two_nodes

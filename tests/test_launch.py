@@ -186,30 +186,52 @@ def test_container_templates_mount_the_data_and_run_directories_wherever_they_ar
     assert data.is_dir() and (submit / "runs" / "x").is_dir()
     for template in ("ddp_4gpu_pyxis.sh", "ddp_4gpu_apptainer.sh"):
         assert "$(cifar_job_host_dirs" in (REPO / "slurm" / template).read_text()
+    # A directory the job's user cannot make or enter fails the job, saying which, instead of
+    # an empty entry in the mounts that the runtime then rejects.
+    (tmp_path / "file").write_text("")
+    bad = {**env, "DATA_DIR": str(tmp_path / "file" / "data")}
+    failed = subprocess.run(
+        ["bash", "-c", f"set -eo pipefail; m=$({script} | paste -sd, -); echo $m"],
+        cwd=submit,
+        env=bad,
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode != 0 and failed.stdout == "", failed.stdout
+    assert f"cifar-job: {tmp_path}/file/data: the job's user" in failed.stderr
 
 
 @pytest.mark.parametrize(
-    ("env", "mask", "threads"),
+    ("env", "mask", "threads", "workers"),
     [
-        ({"SLURM_CPUS_PER_TASK": "3"}, None, 3),  # --cpus-per-task
-        ({}, {0}, 1),  # no count, but bound to one CPU (task/affinity, cgroups)
-        ({}, None, None),  # neither: Lightning's share of the node
-        ({"SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "2"}, {0}, None),  # the user's
+        ({"SLURM_CPUS_PER_TASK": "3"}, None, 3, 2),  # --cpus-per-task: one CPU for training
+        ({"SLURM_CPUS_PER_TASK": "32"}, None, 32, 8),  # more workers would only cost memory
+        ({}, {0}, 1, 1),  # no count, but bound to one CPU (task/affinity, cgroups)
+        ({}, None, None, None),  # neither: Lightning's share of the node
+        ({"SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "2"}, {0}, None, 2),  # the user's
     ],
 )
-def test_a_tasks_threads_follow_the_cpus_slurm_gave_it(env, mask, threads):
-    """Under srun, training sizes its threads from --cpus-per-task, else from the affinity
-    mask a binding site gives each task; the user's OMP_NUM_THREADS wins."""
+def test_a_tasks_threads_and_loader_workers_follow_the_cpus_slurm_gave_it(
+    env, mask, threads, workers
+):
+    """Under srun, training sizes its threads and DataLoader workers from --cpus-per-task,
+    else from the affinity mask a binding site gives each task; the user's OMP_NUM_THREADS
+    and --num-workers win."""
     step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", **env}
     code = (
         "import os\n"
         f"if {mask!r} is not None: os.sched_setaffinity(0, {mask!r})\n"
-        "from cifar_job.slurm import size_threads\n"
-        "print(size_threads())"
+        "from cifar_job.slurm import loader_workers, size_threads\n"
+        "print(size_threads(), loader_workers(2), loader_workers(2, 5))"
     )
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_"))}
     out = subprocess.run(
         [sys.executable, "-c", code], env={**clean, **step}, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(threads)
+    sized, shared, wanted = out.stdout.split()
+    assert sized == str(threads) and wanted == "5"
+    if workers is not None:
+        assert shared == str(workers)
+    else:  # the node's CPUs shared among its 2 ranks, less one each
+        assert shared == str(max(len(os.sched_getaffinity(0)) // 2 - 1, 1))

@@ -147,7 +147,7 @@ def test_doctor_catches_ntasks_devices_mismatch(cluster, tmp_path):
     assert "FAIL  devices: Slurm runs 2 tasks per node and --devices is 4" in bad.stdout
     assert "--ntasks-per-node=4" in bad.stdout
     good = subprocess.run(
-        [*srun, "--devices", "2", "--num-workers", "0"],
+        [*srun, "--devices", "2"],
         capture_output=True,
         text=True,
         env=job_env(),
@@ -156,9 +156,12 @@ def test_doctor_catches_ntasks_devices_mismatch(cluster, tmp_path):
     assert good.returncode == 0, good.stdout + good.stderr
     node = good.stdout.split("nodes: ")[1].split()[0]  # n1 or n2, whichever Slurm chose
     assert f"master_addr: {node}" in good.stdout and "ok  srun" in good.stdout
-    # The binding: each task was given 1 CPU, so training runs 1 thread in each.
-    assert "ok  binding: " in good.stdout and "Slurm gave it 1 CPUs" in good.stdout
-    assert "training runs 1 thread(s) a task, 2 task(s) a node" in good.stdout
+    # The binding: the cluster binds each task to the 1 CPU it was given, so training runs
+    # 1 thread and 1 loader worker in each.
+    assert "ok  binding: this task may run on 1 of the node's" in good.stdout
+    assert "CPUs (bound); Slurm gave it 1 CPUs" in good.stdout
+    assert "training runs 1 thread(s) a task (and 1 DataLoader worker(s)" in good.stdout
+    assert "2 task(s) a node" in good.stdout
     # A user's OMP_NUM_THREADS wins, and doctor warns that the tasks then oversubscribe.
     crowded = subprocess.run(
         [*srun, "--devices", "2", "--num-workers", "0"],

@@ -6,13 +6,16 @@
 # Each node is a network namespace of its own, with its own address and host name on a
 # private test network that only this machine has (10.77.0.0/24, on a bridge with the
 # controller at 10.77.0.1): a wrong MASTER_ADDR, a host name that resolves on one node only,
-# or gloo on the wrong interface fail here as they would on a site. And an ordinary user,
-# cifarjob, for the tests that submit as a site's users do.
+# or gloo on the wrong interface fail here as they would on a site. Tasks are bound to the
+# CPUs Slurm gives them (task/affinity), as sites bind them; each node has this machine's
+# cores, n2 numbering them the other way round, so that a 2-node job's first tasks run on
+# different cores, as on two machines. And an ordinary user, cifarjob, for the tests that
+# submit as a site's users do.
 # Installs the packages when missing. Idempotent: a running cluster is left as it is.
 # Needs root and Debian or Ubuntu. Usage: tests/cluster/start.sh; tests/cluster/stop.sh
 set -euo pipefail
 
-CPUS_PER_NODE=${CPUS_PER_NODE:-4}   # more than the machine has: config_overrides allows it
+CPUS_PER_NODE=$(nproc)              # bound tasks run on real CPUs: no more than there are
 STATE=${SLURM_TEST_STATE:-/var/lib/cifar-job-slurm}
 GRACE_TIME=${GRACE_TIME:-10}        # seconds a preempted job in "low" has to save
 
@@ -75,7 +78,7 @@ AuthType=auth/munge
 AuthInfo=cred_expire=10
 SchedulerParameters=bf_interval=1,sched_interval=2
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
@@ -168,12 +171,25 @@ slurmdbd
 for _ in $(seq 60); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 0.25; done
 sacctmgr -i add cluster cifarjob >/dev/null
 pgrep -x slurmctld >/dev/null || slurmctld
-for n in n1 n2; do
+start_node() {  # NODE [hwloc topology XML]
   # In the node's network namespace, with its host name: its jobs see that node alone.
   # (nsenter, not `ip netns exec`, which mounts a /sys without the cgroup tree slurmd needs.)
-  pgrep -f "slurmd -N $n" >/dev/null ||
-    nsenter --net="/run/netns/cifar-job-$n" unshare --uts sh -c "hostname $n && exec slurmd -N $n"
-done
+  pgrep -f "slurmd -N $1" >/dev/null ||
+    nsenter --net="/run/netns/cifar-job-$1" unshare --uts \
+      env ${2:+HWLOC_XMLFILE=$2 HWLOC_THISSYSTEM=1} sh -c "hostname $1 && exec slurmd -N $1"
+}
+start_node n1
+# n2 reads the topology n1 found (slurmd writes it at start) with its CPUs numbered the
+# other way round: task/affinity binds a node's first task to its first core, which is then
+# machine CPU 0 on n1 and the last one on n2.
+topology=/var/spool/slurmd/n1/hwloc_topo_whole.xml
+for _ in $(seq 100); do grep -qs '</topology>' "$topology" && break; sleep 0.1; done
+awk 'NR == FNR { if (match($0, /type="PU" os_index="[0-9]+"/)) {
+                   id = substr($0, RSTART, RLENGTH); gsub(/[^0-9]/, "", id); ids[n++] = id }
+                 next }
+     /type="PU" os_index="/ { sub(/os_index="[0-9]+"/, "os_index=\"" ids[--n] "\"") } 1' \
+  "$topology" "$topology" > "$STATE/n2-topology.xml"
+start_node n2 "$STATE/n2-topology.xml"
 
 for _ in $(seq 60); do
   if nodes_up; then
