@@ -32,13 +32,18 @@ cifar_job_stopping=0      # SIGTERM reached this script: Slurm is ending the job
 
 # cifar_job_host_dirs: for the container templates, the directories to mount at their own
 # paths, one a line: the submit directory, and DATA_DIR and RUN_DIR where they lie outside it
-# (created first: container runtimes mount only directories that exist).
+# (created first: container runtimes mount only directories that exist). Fails, saying which,
+# where the job's user cannot create or enter one.
 cifar_job_host_dirs() {
-  local dir
+  local dir path
   echo "${SLURM_SUBMIT_DIR}"
   for dir in "${DATA_DIR}" "${RUN_DIR}"; do
-    mkdir -p "${dir}"
-    dir=$(cd "${dir}" && pwd -P)
+    if ! mkdir -p "${dir}" || ! path=$(cd "${dir}" && pwd -P); then
+      echo "cifar-job: ${dir}: the job's user, $(id -un), cannot create or enter it;" \
+        "give it access (the data directory to read, the run directory to write)" >&2
+      return 1
+    fi
+    dir=${path}
     case "${dir}/" in
       "${SLURM_SUBMIT_DIR}"/*) ;;
       *) echo "${dir}" ;;

@@ -30,8 +30,6 @@ TRAIN = [
     "resnet18",
     "--stem",
     "imagenet",
-    "--num-workers",
-    "0",
     "--batch-size",
     "40",
     "--lr",
@@ -86,6 +84,15 @@ def as_user(path: Path) -> None:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             os.chmod(parent, mode | 0o001)
+
+
+def readable_by_user(path: Path) -> Path:
+    """Let USER read path and what it holds, as a site's shared dataset; returns path."""
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode | (0o005 if p.is_dir() else 0o004))
+    for parent in path.parents:
+        parent.chmod(parent.stat().st_mode | 0o001)
+    return path
 
 
 def user_command(*cmd: str) -> list[str]:

@@ -6,7 +6,7 @@
 # they are missing, with Debian's packages (about a minute, once), with a fix that lets a
 # preempted step save (see HOLD below). Idempotent: a cluster that already has this setup is
 # left as it is. Needs root, Debian or Ubuntu, and the kernel's user
-# namespaces, overlay, squashfs and FUSE.
+# namespaces, overlay, squashfs and FUSE. Jobs then run containers as their own users.
 #
 # pyxis is loaded as `required`, as on sites: a container that cannot start fails the step.
 # Settings, for a cluster whose nodes share one disk (here: two slurmd on one host):
@@ -93,12 +93,18 @@ if ! grep -qaF "$HOLD" "$PLUGIN" 2>/dev/null; then
   fi
 fi
 
-# ---- enroot: state under one directory; the image's PATH kept
+# ---- enroot for every user, as sites set it up: state under one directory, a directory of
+# each user's own in it (enroot makes them, mode 0700, in parents anyone may write to, as
+# /tmp), since jobs run as their users and their HOME may not be writable; the image's PATH
+# kept. And /dev/fuse open to all (as udev makes it on Debian and Ubuntu): squashfuse mounts
+# the image as the job's user.
 mkdir -p "$STATE"/{runtime,cache,data,tmp,pyxis,images} $PREFIX/etc/enroot/{enroot.conf.d,environ.d}
+chmod 1777 "$STATE"/{runtime,cache,data,tmp}
+chmod 0666 /dev/fuse
 cat > $PREFIX/etc/enroot/enroot.conf.d/cifar-job-test.conf <<CONF
-ENROOT_RUNTIME_PATH $STATE/runtime
-ENROOT_CACHE_PATH $STATE/cache
-ENROOT_DATA_PATH $STATE/data
+ENROOT_RUNTIME_PATH $STATE/runtime/user-\$(id -u)
+ENROOT_CACHE_PATH $STATE/cache/group-\$(id -g)
+ENROOT_DATA_PATH $STATE/data/user-\$(id -u)
 ENROOT_TEMP_PATH $STATE/tmp
 # A login shell would source /etc/profile, which resets PATH: the image's venv would drop out.
 ENROOT_LOGIN_SHELL no
