@@ -34,6 +34,7 @@ backend's timeout (gloo 30 min, NCCL 10 min). This thread does not depend on the
 from __future__ import annotations
 
 import collections
+import faulthandler
 import json
 import os
 import select
@@ -391,6 +392,12 @@ class Watchdog(Callback):
             "ranks": sorted(beats.values(), key=lambda b: b["rank"]),
         }
         exclude = sorted({b["node"] for b in culprits}) if self.exclude_node else []
+        if any(b["rank"] == self.rank for b in culprits):
+            # Where this rank's own main thread stopped, for the log: the hang's cause.
+            print(
+                f"cifar-job: rank {self.rank}'s threads at the hang:", file=sys.stderr, flush=True
+            )
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
         # Every healthy rank gets here at about the same time; the first one acts.
         if not self._claim():
             # Its save and record first: srun ends the step at the first exit.

@@ -113,6 +113,19 @@ def test_a_healthy_rank_saves_the_last_step_of_a_hang_and_the_rerun_loses_nothin
     assert resumed == 5
 
 
+def test_a_rank_that_hangs_itself_says_where_its_threads_stopped(tmp_path):
+    """A rank whose main thread stops while its watchdog runs (a deadlock, a worker that
+    never answers) is the hang's culprit: before the start ends, its log shows where each of
+    its threads was, the stuck main thread's frame included."""
+    proc = start(tmp_path / "run", "--hang-timeout", "10", CIFAR_JOB_FAULT="hang:2")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 124, err[-3000:]
+    dump = err.split("cifar-job: rank 0's threads at the hang:\n")[1]
+    assert "Current thread" in dump and "in _watch" in dump  # the watchdog's own
+    assert "in inject" in dump and "in on_before_backward" in dump  # where training stopped
+    assert err.index("threads at the hang") < err.index("cifar-job: hang: rank 0")
+
+
 def test_a_second_sigterm_outside_slurm_ends_the_process_at_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(run_dir, CIFAR_JOB_FAULT="hang:2")
