@@ -155,7 +155,7 @@ def wait_done(job_id: str, timeout: float = 300) -> str:
         state = job_state(job_id)
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
-        time.sleep(1)
+        time.sleep(0.25)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"job {job_id} still {job_state(job_id)} after {timeout} s")
 

@@ -132,7 +132,7 @@ def test_the_cluster_binds_each_task_to_cpus_of_its_own(cluster, tmp_path: Path)
             timeout=60,
         )
         assert out.returncode == 0, out.stderr
-        return dict(line.split(": ", 1) for line in out.stdout.splitlines())
+        return dict(sorted(line.split(": ", 1) for line in out.stdout.splitlines()))
 
     one_node = masks("-N1", "--ntasks-per-node=2")
     cpus = {m.split(" ", 1)[1] for m in one_node.values()}

@@ -154,18 +154,25 @@ def test_sigkill_at_random_moments_loses_only_the_steps_since_the_last_save(stra
     as the uninterrupted one did."""
     run_dir, every = tmp_path / "killed", ["--checkpoint-every", "0.01"]  # 0.6 s of training
     rng, during_save, resumed_at = random.Random(), 0, []
+
+    def newest() -> str:
+        return (run_dir / "latest").read_text() if (run_dir / "latest").exists() else ""
+
     for kill in range(6):
+        before = newest()
         proc = start(run_dir, *every)
         assert proc.stdout is not None
-        for line in proc.stdout:  # let it train, so each start can make progress
+        for line in proc.stdout:  # let it train
             if " step " in line:
                 break
+        deadline = time.monotonic() + 30
         if kill % 3 == 0:  # in the middle of writing a checkpoint
-            deadline = time.monotonic() + 30
             while not any(run_dir.glob(".*.ckpt.*.tmp")) and time.monotonic() < deadline:
                 time.sleep(0.002)
             during_save += any(run_dir.glob(".*.ckpt.*.tmp"))
-        else:
+        else:  # at a random moment after this start's first save: each such start progresses
+            while newest() == before and time.monotonic() < deadline:
+                time.sleep(0.01)
             time.sleep(rng.uniform(0, 1.2))
         proc.kill()
         proc.communicate(timeout=60)

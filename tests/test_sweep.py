@@ -33,7 +33,7 @@ def array_done(job: str, timeout: float = 400) -> None:
         out = subprocess.run(["squeue", "-h", "-r", "-j", job], capture_output=True, text=True)
         if not out.stdout.strip():
             return
-        time.sleep(1)
+        time.sleep(0.25)
     subprocess.run(["scancel", job])
     raise AssertionError(f"job array {job} still running after {timeout} s")
 

@@ -74,8 +74,9 @@ ClusterName=cifarjob
 SlurmctldHost=$host($NET.1)
 SlurmUser=root
 AuthType=auth/munge
-# AuthInfo cred_expire=10 and a 1-2 s scheduler: a requeued job restarts in ~11 s, not ~160 s.
-AuthInfo=cred_expire=10
+# AuthInfo cred_expire=5 (its least) and a 1-2 s scheduler: a requeued job restarts in ~7 s,
+# not ~160 s.
+AuthInfo=cred_expire=5
 SchedulerParameters=bf_interval=1,sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
