@@ -34,6 +34,7 @@ How a run stops, and how the next start picks up where it stopped:
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import tempfile
@@ -95,6 +96,9 @@ def install_signal_handlers() -> None:
     """
     for sig in SIGNALS:
         signal.signal(sig, _note)
+    # SIGQUIT (kill -QUIT PID) prints every thread's stack and goes on, here and in the
+    # DataLoader workers forked from here: where a stuck process is, without a debugger.
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     if not _wakeup:
         reader, writer = os.pipe()
         os.set_blocking(writer, False)

@@ -393,11 +393,15 @@ class Watchdog(Callback):
         }
         exclude = sorted({b["node"] for b in culprits}) if self.exclude_node else []
         if any(b["rank"] == self.rank for b in culprits):
-            # Where this rank's own main thread stopped, for the log: the hang's cause.
+            # Where this rank's own main thread stopped, for the log: the hang's cause. And
+            # its children's (DataLoader workers: a rank often waits on one that never
+            # answers), which print theirs on SIGQUIT (checkpoints.install_signal_handlers).
             print(
                 f"cifar-job: rank {self.rank}'s threads at the hang:", file=sys.stderr, flush=True
             )
             faulthandler.dump_traceback(sys.stderr, all_threads=True)
+            if signal_children(signal.SIGQUIT):
+                time.sleep(1.0)
         # Every healthy rank gets here at about the same time; the first one acts.
         if not self._claim():
             # Its save and record first: srun ends the step at the first exit.
@@ -561,9 +565,9 @@ class Watchdog(Callback):
         os._exit(code)
 
 
-def kill_children() -> None:
-    """SIGKILL this process's children (Linux's /proc; elsewhere nothing)."""
-    me = str(os.getpid())
+def signal_children(signum: int) -> int:
+    """Send signum to this process's children (Linux's /proc; elsewhere none); how many."""
+    me, sent = str(os.getpid()), 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -571,9 +575,16 @@ def kill_children() -> None:
             continue
         if fields[1] == me:
             try:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
+                os.kill(int(stat.parent.name), signum)
+                sent += 1
             except OSError:
                 pass
+    return sent
+
+
+def kill_children() -> None:
+    """SIGKILL this process's children."""
+    signal_children(signal.SIGKILL)
 
 
 def parse_fault(spec: str) -> tuple[str, int, int, bool] | None:

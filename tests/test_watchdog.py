@@ -116,13 +116,16 @@ def test_a_healthy_rank_saves_the_last_step_of_a_hang_and_the_rerun_loses_nothin
 def test_a_rank_that_hangs_itself_says_where_its_threads_stopped(tmp_path):
     """A rank whose main thread stops while its watchdog runs (a deadlock, a worker that
     never answers) is the hang's culprit: before the start ends, its log shows where each of
-    its threads was, the stuck main thread's frame included."""
-    proc = start(tmp_path / "run", "--hang-timeout", "10", CIFAR_JOB_FAULT="hang:2")
+    its threads was, the stuck main thread's frame included, and where its DataLoader
+    worker was."""
+    loader = ["--data-loader", "torch", "--num-workers", "1"]
+    proc = start(tmp_path / "run", "--hang-timeout", "10", *loader, CIFAR_JOB_FAULT="hang:2")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 124, err[-3000:]
     dump = err.split("cifar-job: rank 0's threads at the hang:\n")[1]
     assert "Current thread" in dump and "in _watch" in dump  # the watchdog's own
     assert "in inject" in dump and "in on_before_backward" in dump  # where training stopped
+    assert "in _worker_loop" in dump  # the worker's, on the SIGQUIT its rank sent it
     assert err.index("threads at the hang") < err.index("cifar-job: hang: rank 0")
 
 
