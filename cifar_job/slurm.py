@@ -120,9 +120,9 @@ MAX_LOADER_WORKERS = 8
 
 def loader_workers(local_ranks: int, wanted: int | None = None) -> int:
     """DataLoader workers for one rank: `wanted` (--num-workers) where set, else the CPUs the
-    task was given
-    (Slurm's count or its mask, else the CPUs this process may use shared among the node's
-    ranks), less one for the training process; at least 1, at most MAX_LOADER_WORKERS.
+    task was given (Slurm's count or its mask, else the CPUs this process may use shared
+    among the node's ranks), less one for the training process; at least 1, at most
+    MAX_LOADER_WORKERS.
 
     Lightning's suggested_max_num_workers is the last of these alone: where Slurm binds
     tasks, it would share a task's own mask among the node's ranks once more."""
