@@ -55,7 +55,8 @@ def main() -> None:
         print("binding: skipped, no Slurm cluster here (make cluster)")
         return
     found = {name: rate(*row) for name, row in ROWS.items()}
-    before, after = found[next(iter(ROWS))][0], found[list(ROWS)[-1]][0]
+    rates = [img_s for img_s, _ in found.values()]  # the first row is before, the last after
+    before, after = rates[0], rates[-1]
     for name, (img_s, layout) in found.items():
         print(f"binding: {name}: {img_s:.0f} img/s a task ({layout})")
     print(f"binding: bound and sized over before: {after / before:.1f}x")

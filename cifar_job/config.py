@@ -217,8 +217,9 @@ class TrainConfig:
         bounds = ((positive, 1, "be 1 or more"), (non_negative, 0, "not be negative"))
         for names, low, rule in bounds:
             for name in names:
-                if getattr(self, name) is not None and getattr(self, name) < low:
-                    raise OptionError(f"--{dashed(name)} must {rule}, got {getattr(self, name)}")
+                value = getattr(self, name)
+                if value is not None and value < low:  # None: chosen at run time
+                    raise OptionError(f"--{dashed(name)} must {rule}, got {value}")
         if 0 < self.hang_timeout < 10:  # the watchdog's heartbeats come every 2 s
             raise OptionError(
                 f"--hang-timeout must be 0 (learned) or 10 or more, got {self.hang_timeout}"

@@ -157,12 +157,11 @@ def checks(
                     "the job is killed at its limit without a checkpoint",
                 )
             )
-    # As training sizes them, for this node's ranks.
-    wanted = parse_devices(devices)
-    ranks = len(wanted) if isinstance(wanted, list) else wanted if wanted != "auto" else 1
-    num_workers = loader_workers(
-        info["tasks_per_node"] if info["srun_step"] else ranks, num_workers
-    )
+    # As training sizes them, for this node's ranks: srun's tasks, else the --devices asked for.
+    ranks = info["tasks_per_node"] if info["srun_step"] else parse_devices(devices)
+    if not isinstance(ranks, int):
+        ranks = len(ranks) if isinstance(ranks, list) else 1  # "auto": one process on CPU
+    num_workers = loader_workers(ranks, num_workers)
     shm = shm_bytes()
     shm_ok = num_workers == 0 or shm is None or shm >= MIN_SHM_BYTES
     found.append(

@@ -80,18 +80,20 @@ def as_user(path: Path) -> None:
     for p in [path, *path.rglob("*")]:
         os.lchown(p, pw.pw_uid, pw.pw_gid)
     python = Path(os.path.realpath(sys.executable))
-    for parent in [*path.parents, *python.parents, *REPO.parents]:
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            os.chmod(parent, mode | 0o001)
+    let_through([*path.parents, *python.parents, *REPO.parents])
+
+
+def let_through(dirs: list[Path]) -> None:
+    """Let every user pass through dirs (o+x), not list or read them."""
+    for d in dirs:
+        d.chmod(d.stat().st_mode | 0o001)
 
 
 def readable_by_user(path: Path) -> Path:
     """Let USER read path and what it holds, as a site's shared dataset; returns path."""
     for p in [path, *path.rglob("*")]:
         p.chmod(p.stat().st_mode | (0o005 if p.is_dir() else 0o004))
-    for parent in path.parents:
-        parent.chmod(parent.stat().st_mode | 0o001)
+    let_through(list(path.parents))
     return path
 
 
