@@ -46,7 +46,10 @@ ip link set "$BRIDGE" up
 for i in 1 2; do
   ns=cifar-job-n$i
   ip netns list | grep -qw "$ns" || ip netns add "$ns"
-  if ! ip link show "cjn$i" >/dev/null 2>&1; then
+  # Checked from inside: a namespace deleted a moment ago (wipe.sh) can leave its host end,
+  # cjnI, behind for a while, and a new namespace would then get no link at all.
+  if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
+    ip link del "cjn$i" 2>/dev/null || true
     ip link add "cjn$i" type veth peer name eth0 netns "$ns"
     ip link set "cjn$i" master "$BRIDGE" up
     ip -n "$ns" addr add "$NET.1$i/24" dev eth0
