@@ -21,7 +21,7 @@ DOCKER_BUILD_ARGS ?=
 WHEEL_PLATFORMS := $(foreach n,$(shell seq 5 39),--platform manylinux_2_$(n)_x86_64) \
   $(foreach g,2014 2010 1,--platform manylinux$(g)_x86_64)
 
-.PHONY: help install demo test test-fast test-containers test-containers-fresh wipe bench lint cluster cluster-stop dist wheels image clean
+.PHONY: help install demo test test-fast test-containers test-containers-fresh wipe bench bench-smoke lint cluster cluster-stop dist wheels image clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -66,19 +66,11 @@ test-containers: install cluster ## Build the image; run it in Docker, and in py
 test-containers-fresh: wipe ## The same from nothing, as on a new machine: no images, caches or cluster state
 	$(MAKE) test-containers
 
-bench: install ## Benchmarks: ratios measured side by side (~3 min on CPU; bench/gpu.py on CUDA)
-	$(PY) bench/cli_startup.py
-	$(PY) bench/data_path.py
-	$(PY) bench/lightning_overhead.py 2>/dev/null
-	$(PY) bench/ddp_cpu.py
-	$(PY) bench/binding.py
-	$(PY) bench/checkpoint_cost.py 2>/dev/null
-	$(PY) bench/watchdog_cost.py 2>/dev/null | tail -n 1
-	$(PY) bench/agreement_cost.py --one-rank 2>/dev/null | grep '^agreement'
-	$(PY) bench/agreement_cost.py 2>/dev/null | grep '^agreement'
-	$(PY) bench/tracking_cost.py 2>/dev/null
-	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-	  $(PY) bench/gpu.py; else echo "gpu: skipped, no CUDA device here (bench/gpu.py on a GPU machine)"; fi
+bench: install ## Every benchmark, one at a time; then fails naming each that failed (~10 min on CPU)
+	$(PY) bench/run.py
+
+bench-smoke: install ## Each benchmark in its quick mode: checks the scripts, not figures (~2 min)
+	$(PY) bench/run.py --smoke --jobs 2
 
 dist: install ## Build the project wheel and its requirements.txt (for the image: with the mlflow client) into dist/
 	rm -rf dist && $(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .

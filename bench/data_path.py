@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from cifar_job.dataset import FOLDER, load_split, make_synthetic
 from cifar_job.loader import MEAN, STD, CIFAR10DataModule, augment, normalize
 
 BATCH = 256
+# --smoke: every path once, on 2,560 images (a check of the script, not a figure).
+SMOKE = "--smoke" in sys.argv
 
 
 def write_cifar(root: Path, n: int = 50_000) -> None:
@@ -84,7 +87,7 @@ def ours(root: Path, loader: str, workers: int, passes: int = 1) -> float:
 
 
 def loading(root: Path, reps: int = 5) -> tuple[float, float]:
-    """Seconds to read the 50,000 training images into memory: ours (load_split, one uint8
+    """Seconds to read the training images into memory: ours (load_split, one uint8
     tensor) and torchvision's CIFAR10 (one numpy array), alternating, best of `reps`."""
     ours_s, theirs_s = [], []
     for _ in range(reps):
@@ -119,18 +122,20 @@ def torchvision_baseline(root: Path) -> float:
     )
 
 
-def main(rounds: int = 3) -> None:
+def main(rounds: int = 1 if SMOKE else 3) -> None:
     # A short pass is at the mercy of the machine's drift, so the three paths alternate for
     # a few rounds and the ratio is of the medians.
     base, tensor, loader = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_cifar(root)
+        images = 2_560 if SMOKE else 50_000
+        write_cifar(root, images)
         for _ in range(rounds):
             base.append(torchvision_baseline(root))
-            tensor.append(ours(root, "tensor", 0, passes=3))
+            tensor.append(ours(root, "tensor", 0, passes=1 if SMOKE else 3))
             loader.append(ours(root, "torch", 2))
-        load, theirs = loading(root)
+        reps = 1 if SMOKE else 5
+        load, theirs = loading(root, reps)
     b, t, d = (statistics.median(r) for r in (base, tensor, loader))
     print(
         f"data-path: torchvision CIFAR10+transforms, 2 workers {b:,.0f} img/s; ours "
@@ -141,9 +146,9 @@ def main(rounds: int = 3) -> None:
         f"ours through a 2-worker DataLoader {d:,.0f} img/s, {d / b:.1f}x"
     )
     print(
-        f"data-load: the 50,000 training images into memory: ours {load:.3f} s, torchvision "
+        f"data-load: the {images:,} training images into memory: ours {load:.3f} s, torchvision "
         f"CIFAR10 {theirs:.3f} s, ratio {load / theirs:.2f} (goal <= 2: both are one pass over "
-        "the bytes; best of 5, alternating)"
+        f"the bytes; best of {reps}, alternating)"
     )
 
 

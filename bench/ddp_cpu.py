@@ -11,14 +11,17 @@ import subprocess
 import sys
 import tempfile
 
+# --smoke: 2 steps a layout, a check of the script (and of DDP over gloo), not a figure.
+SMOKE = "--smoke" in sys.argv
+
 ARGS = [
     "train",
     "--dataset",
     "synthetic",
     "--synthetic-size",
-    "3200",
+    "200" if SMOKE else "3200",
     "--val-size",
-    "200",
+    "72" if SMOKE else "200",
     "--arch",
     "resnet18",
     "--stem",
@@ -30,7 +33,7 @@ ARGS = [
     "--max-epochs",
     "1",
     "--log-every-n-steps",
-    "10",
+    "2" if SMOKE else "10",
     "--accelerator",
     "cpu",
 ]
@@ -45,9 +48,13 @@ def rate(devices: int) -> float:
             [sys.executable, "-m", "cifar_job", *ARGS, *extra],
             capture_output=True,
             text=True,
-            check=True,
         )
     rates = [float(r) for r in re.findall(r"(\d+) img/s", out.stdout)]
+    if out.returncode != 0 or not rates:
+        sys.exit(
+            f"ddp-cpu: the {devices}-process job failed or logged no img/s:\n"
+            f"{out.stdout[-2000:]}{out.stderr[-2000:]}"
+        )
     return rates[-1] / devices
 
 

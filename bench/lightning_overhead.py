@@ -160,9 +160,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=6, help="epochs, the first one a warm-up")
     parser.add_argument(
+        "--smoke", action="store_true", help="2 epochs of 4 steps: checks the script, in seconds"
+    )
+    parser.add_argument(
         "--delay-ms", type=float, default=0.0, help="sleep added to each of our steps (a check)"
     )
     args = parser.parse_args()
+    if args.smoke:
+        CFG.synthetic_size, CFG.batch_size, args.epochs = 4 * 16 + CFG.val_size, 16, 2
     ours, plain, per_epoch = measure(args.epochs, args.delay_ms / 1000)
     ours, plain = ours[per_epoch:], plain[per_epoch:]  # drop the warm-up epoch
     ratio = sum(ours) / sum(plain)

@@ -13,6 +13,7 @@ counter per step, timed the same way, and an appended, fsynced line per phase.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 import warnings
@@ -27,7 +28,8 @@ from cifar_job.trainer import build_trainer
 from cifar_job.watchdog import Watchdog
 
 warnings.filterwarnings("ignore")
-STEPS = 120
+# --smoke: 4 steps of 8 images, a check of the script, not a figure.
+STEPS, BATCH = (4, 8) if "--smoke" in sys.argv else (120, 50)
 
 
 def thread_cpu_s(native_id: int | None) -> float:
@@ -79,11 +81,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
             dataset="synthetic",
-            synthetic_size=STEPS * 50 + 200,
+            synthetic_size=STEPS * BATCH + 200,
             val_size=200,
             arch="resnet18",
             stem="imagenet",
-            batch_size=50,
+            batch_size=BATCH,
             max_epochs=1,
             num_workers=0,
             run_dir=tmp,
