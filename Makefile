@@ -21,7 +21,7 @@ DOCKER_BUILD_ARGS ?=
 WHEEL_PLATFORMS := $(foreach n,$(shell seq 5 39),--platform manylinux_2_$(n)_x86_64) \
   $(foreach g,2014 2010 1,--platform manylinux$(g)_x86_64)
 
-.PHONY: help install demo test test-fast test-containers test-containers-fresh wipe bench bench-smoke lint cluster cluster-stop dist wheels image clean
+.PHONY: help install demo test docs docs-build docs-options test-fast test-containers test-containers-fresh wipe bench bench-smoke lint cluster cluster-stop dist wheels image clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -48,8 +48,21 @@ demo: install ## Train, test, predict and plot on synthetic data, offline, on CP
 	$(CLI) predict --ckpt $(DEMO_DIR)/last.ckpt $(DEMO_DIR)/sample.png
 	$(CLI) plot $(DEMO_DIR)
 
-test: install lint cluster ## Lint, start the test cluster, run the whole test suite
+test: install lint docs-build cluster ## Lint, build the manual, start the test cluster, run the whole test suite
 	$(PY) -m pytest
+
+# Not --quiet: it hides the warnings that --strict counts, and a broken link then passes.
+docs: install ## Serve the manual (docs/) on http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+docs-build: install ## Build the manual with mkdocs --strict: a broken link, anchor or page fails
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $$(mktemp -d)
+
+docs-options: install ## Rewrite the options table in docs/options.md from TrainConfig
+	$(PY) -c 'import re, pathlib; from cifar_job.config import options_table; \
+	  p = pathlib.Path("docs/options.md"); s = p.read_text(); \
+	  p.write_text(re.sub(r"(<!-- options table:[^\n]*-->\n).*?(<!-- end of the options table -->)", \
+	  lambda m: m[1] + options_table() + m[2], s, flags=re.S))'
 
 test-fast: install ## Only the tests that train nothing (seconds)
 	$(PY) -m pytest -m "not slow"
@@ -103,4 +116,4 @@ wipe: ## Stop the test cluster and Docker engine and delete their state, images 
 	tests/cluster/wipe.sh
 
 clean: ## Remove the venv, caches, runs/, dist/ and wheels/
-	rm -rf $(VENV) runs dist wheels .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) runs dist wheels site .pytest_cache .ruff_cache *.egg-info

@@ -255,9 +255,33 @@ def dashed(name: str) -> str:
     return name.replace("_", "-")
 
 
-def field_choices(name: str) -> tuple[str, ...] | None:
-    """The allowed values of a config field, or None when any value of its type goes."""
-    return next(f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.name == name)
+ON_RERUN = {
+    FIXED: "refused (exit 2)",
+    FREE: "applies",
+    LENGTH: "the rest of the schedule is stretched",
+}
+
+
+def options_table() -> str:
+    """Every train option as a Markdown table (docs/options.md holds it; a test checks that
+    it is current): the option, its default, what a rerun with a new value does, its help."""
+    rows = ["| option | default | on a rerun | what |", "|---|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        flag = f"--{dashed(f.name)}"
+        if f.type == "bool":
+            flag += f" / --no-{dashed(f.name)}"
+        what = f.metadata["help"]
+        if f.metadata["choices"]:
+            what += f" One of: {', '.join(f.metadata['choices'])}."
+        default = "auto" if f.default is None else f.default
+        if isinstance(f.default, bool):
+            default = "on" if f.default else "off"
+        rows.append(f"| `{flag}` | {default} | {ON_RERUN[f.metadata['resume']]} | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m cifar_job.config: the options table, for docs/options.md
+    print(options_table(), end="")
 
 
 def parse_devices(devices: str) -> int | str | list[int]:
