@@ -13,6 +13,26 @@ def quiet_deprecations() -> None:
         warnings.filterwarnings("default", category=category, module="cifar_job")
 
 
+class CifarJobWarning(UserWarning):
+    """Something the user should know that does not stop the command (a damaged checkpoint
+    skipped): the CLI prints it as one line of its own, `cifar-job: warning: ...`."""
+
+
+def warnings_as_lines() -> None:
+    """Print CifarJobWarnings as the CLI's own lines, not as Python's (file, line, source)."""
+    import sys
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, CifarJobWarning):
+            print(f"cifar-job: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 class CifarJobError(Exception):
     """An error the user can fix; the message says how."""
 

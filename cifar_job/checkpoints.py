@@ -37,7 +37,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -51,9 +50,16 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
-from cifar_job import CifarJobError, Preempted, events
-from cifar_job.config import write_json
-from cifar_job.rundir import DECISION, HANG_CLAIM, HANG_RECORD, LAST, CheckpointStore
+from cifar_job import CifarJobError, CifarJobWarning, Preempted, events
+from cifar_job.rundir import (
+    DECISION,
+    HANG_CLAIM,
+    HANG_RECORD,
+    LAST,
+    CheckpointStore,
+    write_atomic,
+    write_json,
+)
 
 # EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
 REQUEUE_EXIT = 75
@@ -168,37 +174,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def write_checkpoint(checkpoint: dict[str, Any], target: Path, still_valid: Any = None) -> bool:
-    """Write `checkpoint` to a temporary file beside `target`, fsync it, and rename it into
-    place, unless `still_valid()` (asked once the file is whole) says that what was written
-    may no longer be one state: then the file goes and False is returned."""
+    """Write `checkpoint` to `target` atomically and durably (rundir.write_atomic), unless
+    `still_valid()` (asked once the file is whole) says that what was written may no longer
+    be one state: then the file goes and False is returned."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600: as any file, by the umask
-        if still_valid is not None and not still_valid():
-            return False
-        os.replace(tmp, target)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def umask() -> int:
-    """This process's umask, read without changing it (Linux's /proc; else os.umask twice)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return write_atomic(target, lambda f: torch.save(checkpoint, f), still_valid=still_valid)
 
 
 def rebase(checkpoint: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -235,19 +215,18 @@ def find_resume_checkpoint(
 
     The store's `latest` first, then its step files newest first: the first that loads
     wins, so a damaged pointer or a newest file cut short costs one file, not the run; unless
-    the best checkpoint holds a later step. A directory of the layout before the store
-    (last.ckpt and best-epochNNN.ckpt files) resumes from the highest step that loads, by
-    content. Skipped files are warned about; if files
-    exist but none loads, the run stops instead of training from scratch over them.
+    another training checkpoint in the directory (the best one, best-epochNNN.ckpt, or one
+    copied in by hand) holds a later step. Skipped files are warned about; if files exist
+    but none loads, the run stops instead of training from scratch over them.
 
     verify=False (every rank but 0) only says whether there is one: rank 0's choice is the
     one every rank loads (CheckpointPolicy.setup), so the others read no checkpoint here.
     """
     store = CheckpointStore(run_dir)
     candidates = store.candidates()
-    legacy = sorted(p for p in run_dir.glob("*.ckpt") if not p.is_symlink() and p not in candidates)
+    others = sorted(p for p in run_dir.glob("*.ckpt") if not p.is_symlink() and p not in candidates)
     if not verify:
-        first = (candidates or legacy or [None])[0]
+        first = (candidates or others or [None])[0]
         return (str(first) if first else None), None, None
     found: list[tuple[int, int, str, Any]] = []  # (step, preference, path, settings)
     for path in candidates:
@@ -255,18 +234,17 @@ def find_resume_checkpoint(
             step, settings = int(ckpt.get("global_step", 0)), ckpt.get("hyper_parameters")
             found.append((step, 2, str(path), settings))
             break
-    # The best checkpoint (and a plain last.ckpt of the older layout) may be newer than the
-    # store's: the epoch's best is written before the epoch's step file, and a kill between
-    # the two would otherwise cost that epoch.
-    for path in legacy:
+    # The best checkpoint may be newer than the store's: the epoch's best is written before
+    # the epoch's step file, and a kill between the two would otherwise cost that epoch.
+    for path in others:
         if (ckpt := _loadable(path)) is not None:
             step, preference = int(ckpt.get("global_step", 0)), int(path.name == LAST)
             found.append((step, preference, str(path), ckpt.get("hyper_parameters")))
     if found:
         step, _, path, settings = max(found, key=lambda f: f[:2])
         return path, step, settings
-    if candidates or legacy:
-        names = ", ".join(sorted(p.name for p in [*candidates, *legacy]))
+    if candidates or others:
+        names = ", ".join(sorted(p.name for p in [*candidates, *others]))
         raise CifarJobError(
             f"{run_dir} holds checkpoints, but none loads ({names})."
             " Move them away to train this run from scratch, or use another --run-dir."
@@ -284,7 +262,7 @@ def _loadable(path: Path) -> dict[str, Any] | None:
         reason = "not a training checkpoint"
     except Exception as e:  # a truncated file raises whatever the unpickler hits first
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", stacklevel=3)
+    warnings.warn(f"skipping unreadable checkpoint {path}: {reason}", CifarJobWarning, stacklevel=3)
     return None
 
 
@@ -311,7 +289,7 @@ def clear_leftovers(run_dir: Path) -> None:
     (run_dir / MARKER).unlink(missing_ok=True)
     (run_dir / HANG_RECORD).unlink(missing_ok=True)
     (run_dir / HANG_CLAIM).unlink(missing_ok=True)
-    for tmp in run_dir.glob(".*.ckpt.*.tmp"):
+    for tmp in CheckpointStore(run_dir).leftovers():
         tmp.unlink(missing_ok=True)
 
 

@@ -16,10 +16,16 @@ from typing import Any
 
 import click
 
-from cifar_job import CifarJobError, OptionError, Preempted, __version__, quiet_deprecations
+from cifar_job import (
+    CifarJobError,
+    OptionError,
+    Preempted,
+    __version__,
+    quiet_deprecations,
+    warnings_as_lines,
+)
 from cifar_job.config import TrainConfig, dashed, load_config_file
 from cifar_job.launch import SlurmOptions
-from cifar_job.rundir import MANIFEST
 
 ENV_DEFAULTS = {
     "data_dir": "CIFAR_JOB_DATA_DIR",
@@ -147,6 +153,7 @@ def main() -> None:
     Rerunning the same train command resumes from the run directory's last checkpoint.
     """
     quiet_deprecations()
+    warnings_as_lines()
 
 
 @main.command()
@@ -179,7 +186,10 @@ def train(print_config: bool, **values: Any) -> None:
         f"test/loss {results['test/loss']:.4f}"
     )
     if not cfg.fast_dev_run:
-        click.echo(f"results: {cfg.run_dir}/results.json  checkpoint: {results['best_checkpoint']}")
+        from cifar_job.rundir import RunDir
+
+        results_file = RunDir(cfg.run_dir).results
+        click.echo(f"results: {results_file}  checkpoint: {results['best_checkpoint']}")
 
 
 @main.command()
@@ -270,8 +280,9 @@ def download(data_dir: str, url: str | None, md5: str | None, quiet: bool) -> No
 def plot(run_dir: str, out: str | None) -> None:
     """Plot a run's learning curves and test confusion matrix to a PNG."""
     from cifar_job.plot import plot_run
+    from cifar_job.rundir import RunDir
 
-    click.echo(f"wrote {plot_run(run_dir, out)}")
+    click.echo(f"wrote {plot_run(RunDir.existing(run_dir, sweep_ok=False), out)}")
 
 
 def _sbatch_pairs(
@@ -432,6 +443,7 @@ def submit_grid(
     """`submit --sweep ...`: plan the grid, write RUN_DIR/sweep.json, submit what is left."""
     from cifar_job import sweep
     from cifar_job.launch import absolute, sbatch_text
+    from cifar_job.rundir import RunDir
 
     grid = sweep_grid(ctx, sweep_pairs, sweep_file)
     plan = sweep.make_plan(absolute(cfg), grid, list(range(seeds or 0)), allow_many=yes)
@@ -441,7 +453,8 @@ def submit_grid(
     todo = [elements[i] for i in indices]
     if dry_run:
         click.echo(sbatch_text(cfg, slurm, todo or elements, max_parallel), nl=False)
-        click.echo(f"\n# {len(todo)} of {len(elements)} runs to submit ({cfg.run_dir}/sweep.json):")
+        plan_file = RunDir(cfg.run_dir).sweep_plan
+        click.echo(f"\n# {len(todo)} of {len(elements)} runs to submit ({plan_file}):")
         for index, e in enumerate(elements):
             state = "to run" if index in indices else "queued" if index in busy else "finished"
             click.echo(f"#   {index:>3}  {e['name']:<40} {state}")
@@ -456,7 +469,7 @@ def submit_grid(
     kind = "job array" if len(jobs) > 1 else "job"
     click.echo(
         f"submitted {kind} {array}: {len(todo)} of {len(elements)} runs\n"
-        f"  sweep:   {cfg.run_dir}/sweep.json\n"
+        f"  sweep:   {RunDir(cfg.run_dir).sweep_plan}\n"
         f"  follow:  cifar-job status {cfg.run_dir}\n"
         f"  compare: cifar-job compare {cfg.run_dir}"
     )
@@ -507,12 +520,14 @@ def tracked_sweep(cfg: TrainConfig, plan: dict[str, Any]) -> str | None:
 def status(run_dir: str, as_json: bool) -> None:
     """Show where a run stands: state, step, restarts and the last metrics. For a sweep's
     directory, one line per run."""
+    from cifar_job.rundir import RunDir
     from cifar_job.status import run_status
     from cifar_job.sweep import read_plan
 
-    if (plan := read_plan(run_dir)) is not None:
+    run = RunDir.existing(run_dir)
+    if (plan := read_plan(run.path)) is not None:
         return sweep_status(plan, as_json)
-    info = run_status(run_dir)
+    info = run_status(run)
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -551,8 +566,10 @@ def hours(run_dir: str, as_json: bool, plot_to: str | None, no_sacct: bool) -> N
     the total). For a sweep's directory, per run. Queue waits, and each start's allocation,
     come from Slurm's accounting (sacct) where it answers."""
     from cifar_job import ledger
+    from cifar_job.rundir import RunDir
     from cifar_job.sweep import read_plan
 
+    RunDir.existing(run_dir)  # a directory that is not a run is no ledger of zeros
     if (plan := read_plan(run_dir)) is not None:
         found = ledger.sweep_hours([Path(e["run_dir"]) for e in plan["elements"]], not no_sacct)
         lines = ledger.render_sweep(found)
@@ -601,12 +618,13 @@ def doctor(**options: Any) -> None:
 
 def sweep_status(plan: dict[str, Any], as_json: bool) -> None:
     """One line per run of a sweep: settings, state, epoch, val/acc, restarts."""
+    from cifar_job.rundir import RunDir
     from cifar_job.status import run_status
 
     rows = []
     for e in plan["elements"]:
-        if (Path(e["run_dir"]) / MANIFEST).exists():
-            info = run_status(e["run_dir"])
+        if (run := RunDir(e["run_dir"])).is_run():
+            info = run_status(run)
         else:
             info = {"state": "not started", "restarts": 0, "metrics": {}}
         rows.append({"name": e["name"], "settings": e["settings"], **info})
@@ -662,6 +680,7 @@ def compare(
     From the MLflow server: cifar-job compare --tracking-uri URI --mlflow-run PARENT_ID
     (a sweep's parent run id is in RUN_DIR/tracking.json)."""
     from cifar_job.plot import plot_curves
+    from cifar_job.rundir import RunDir
     from cifar_job.sweep import compare as compare_runs
     from cifar_job.sweep import compare_on_server
 
@@ -674,7 +693,7 @@ def compare(
     else:
         table = compare_runs([Path(d) for d in run_dirs])
     if plot:
-        default = Path(run_dirs[0]) / "compare.png" if run_dirs else Path("compare.png")
+        default = RunDir(run_dirs[0]).compare if run_dirs else Path(RunDir(".").compare.name)
         table["plot"] = str(plot_curves(table, Path(out or default)))
     if as_json:
         click.echo(json.dumps(table))

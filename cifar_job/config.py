@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifar_job import CifarJobError, OptionError
+from cifar_job import OptionError
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 STEMS = ("cifar", "imagenet")
@@ -232,6 +229,8 @@ class TrainConfig:
                 "--tracker mlflow needs --tracking-uri (or $MLFLOW_TRACKING_URI), e.g. "
                 "http://login1:5000"
             )
+        if self.tracker == "mlflow":
+            check_tracking_uri(str(self.tracking_uri))
         if self.tracker == "mlflow" and not self.experiment.strip():
             raise OptionError("--experiment must name an MLflow experiment, got ''")
         if self.max_time is not None:
@@ -248,6 +247,24 @@ class TrainConfig:
         if unknown:
             raise OptionError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**values)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a --tracking-uri that can never be an MLflow tracking server (a typo, a path, a
+    scheme MLflow does not serve over), before training: the run would spool its metrics for
+    ever, as if the server were only down. A server that is down is no reason to refuse."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https") and parts.hostname:
+        return
+    if scheme == "databricks" or uri == "databricks":
+        return
+    raise OptionError(
+        f"--tracking-uri {uri!r} cannot be an MLflow tracking server: give its address, "
+        "e.g. http://login1:5000 (http, https, or databricks)"
+    )
 
 
 def dashed(name: str) -> str:
@@ -339,36 +356,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise OptionError(f"{path}: expected a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file of a run directory; a damaged one is an error that names it."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CifarJobError(
-            f"{path} is damaged ({e}); it holds {what}. Restore it from a copy, or move it "
-            "away to carry on without it."
-        ) from None
-
-
-def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    write_atomic(path, json.dumps(data, indent=indent) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace path's content at once. The temporary name is unique to this host, process
-    and thread: every rank of every node writes into the same shared run directory, and two
-    nodes' processes may have the same pid."""
-    tmp = path.with_name(
-        f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp"
-    )
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def resume_clashes(old: dict[str, Any], new: TrainConfig) -> list[str]:

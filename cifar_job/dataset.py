@@ -30,6 +30,7 @@ import torch
 
 from cifar_job import CifarJobError
 from cifar_job.config import CLASSES
+from cifar_job.rundir import write_atomic
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -240,14 +241,10 @@ def verify(data_dir: str | Path) -> dict[str, Any]:
         "test": len(test),
         "classes": int(torch.cat([train, test]).unique().numel()),
     }
-    marker = root / FOLDER / VERIFIED_MARKER
-    tmp = marker.with_name(f"{VERIFIED_MARKER}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:  # atomically: a reader on another node sees no marker or a whole one
-        tmp.write_text(json.dumps(summary))
-        os.replace(tmp, marker)
-    except OSError:  # a read-only copy (a site's shared data): verified again at each start
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    # Atomically: a reader on another node sees no marker or a whole one. A read-only copy
+    # (a site's shared data) takes none, and is verified again at each start.
+    with contextlib.suppress(OSError):
+        write_atomic(root / FOLDER / VERIFIED_MARKER, json.dumps(summary))
     return summary
 
 

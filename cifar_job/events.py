@@ -25,18 +25,21 @@ def record(run_dir: Path, event: str, **fields: Any) -> None:
         pass
 
 
-def read(run_dir: Path) -> list[dict[str, Any]]:
-    """Every whole event, oldest first."""
+def read(run_dir: Path, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    """Every whole event, oldest first; the numbers of the lines that are not one (a line
+    a kill cut short, or damage) go into `damaged`."""
     try:
         lines = (run_dir / EVENTS).read_text(errors="replace").splitlines()
     except OSError:
         return []
     events = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             event = json.loads(line)
         except ValueError:
-            continue  # the line a kill cut short
+            event = None
         if isinstance(event, dict) and "event" in event:
             events.append(event)
+        elif damaged is not None:
+            damaged.append(number)
     return events

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cifar_job import CifarJobError, OptionError, Preempted
 from cifar_job.config import TrainConfig
+from cifar_job.rundir import RunDir
 
 if TYPE_CHECKING:  # submitit is imported when a script is made: `--help` stays fast
     import submitit
@@ -156,7 +157,7 @@ def build_executor(
         def affinity(cls) -> int:  # submitit refuses to start without srun on PATH
             return 1
 
-    folder = Path(cfg.run_dir) / "submitit"
+    folder = RunDir(cfg.run_dir).submitit
     python = "python3" if slurm.container_image else None  # the image's own Python
     kind = ScriptOnly if dry_run else submitit.SlurmExecutor
     executor = kind(folder=folder, python=python)

@@ -175,11 +175,11 @@ class Start:
     notes: list[str] = field(default_factory=list)
 
 
-def split_starts(run_dir: Path) -> list[Start]:
-    """The run's starts from its event log (damaged lines are skipped: their time counts
-    as unaccounted)."""
+def split_starts(run_dir: Path, damaged: list[int] | None = None) -> list[Start]:
+    """The run's starts from its event log (damaged lines are skipped, their numbers put in
+    `damaged`: their time counts as unaccounted)."""
     starts: list[Start] = []
-    for event in events.read(run_dir):
+    for event in events.read(run_dir, damaged):
         if event["event"] == "start":
             t = _number(event.get("time")) or 0.0
             process = _number(event.get("process")) or t
@@ -215,7 +215,8 @@ def _number(value: Any) -> float | None:
 def hours(run_dir: str | Path, use_sacct: bool = True) -> dict[str, Any]:
     """The run's ledger: per start and in total, node-seconds per category and goodput."""
     run_dir = Path(run_dir)
-    starts = split_starts(run_dir)
+    damaged: list[int] = []
+    starts = split_starts(run_dir, damaged)
     slurm = _attach_slurm(starts) if use_sacct else "not asked"
     last_reached = read_reached(run_dir)
     for i, start in enumerate(starts):
@@ -250,6 +251,7 @@ def hours(run_dir: str | Path, use_sacct: bool = True) -> dict[str, Any]:
         "node_seconds": {k: round(v, 3) for k, v in total.items()},
         "node_seconds_total": round(whole, 3),
         "goodput": round(total["kept"] / whole, 4) if whole > 0 else None,
+        "damaged": [f"{run_dir / EVENTS}: line {n} is not a whole record" for n in damaged],
     }
 
 
@@ -380,6 +382,9 @@ def render(ledger: dict[str, Any]) -> list[str]:
         f"{ledger['run_dir']}: {len(starts)} start(s) on {'/'.join(map(str, nodes)) or '?'} "
         f"node(s), {_cell(whole)} node-seconds ({whole / 3600:.3f} node-hours); "
         f"Slurm's view: {ledger['slurm']}"
+    ]
+    lines += [
+        f"  warning: {problem} (its time counts as unaccounted)" for problem in ledger["damaged"]
     ]
     if not starts:
         return [*lines, "  no start recorded yet"]

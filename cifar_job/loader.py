@@ -306,10 +306,8 @@ class CIFAR10DataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             self.resume_position = None
-        elif "samples_done" in state:
+        else:
             self.resume_position = (state["epoch"], state["samples_done"])
-        else:  # written before 0.2: batches of the same global batch size
-            self.resume_position = (state["epoch"], state["batches_done"] * self.cfg.batch_size)
 
     def position_sampler(self, sampler: ShardSampler) -> None:
         """Set the sampler's epoch, and its skip if this loader resumes a checkpointed run."""

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_job import OptionError
-from cifar_job.config import TrainConfig, read_json, write_json
-from cifar_job.rundir import TRACKING
+from cifar_job.config import TrainConfig
+from cifar_job.rundir import TRACKING, read_json, write_json
 
 # The MLflow client retries a request for minutes by default; here a request that fails is
 # tried again by the sender, with training going on. A user's own settings win.

@@ -7,14 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_job import CifarJobError, OptionError
-from cifar_job.config import CLASSES, read_json
-from cifar_job.rundir import CURVES, LOGS, RESULTS
-
-
-def metrics_files(run_dir: Path) -> list[Path]:
-    """The CSV logs of every start of a run, oldest first (logs/version_N/metrics.csv)."""
-    paths = (run_dir / LOGS).glob("version_*/metrics.csv")
-    return sorted(paths, key=lambda p: int(p.parent.name.removeprefix("version_")))
+from cifar_job.config import CLASSES
+from cifar_job.rundir import RunDir
 
 
 def csv_rows(path: Path) -> list[dict[str, float | str]]:
@@ -34,11 +28,11 @@ def csv_rows(path: Path) -> list[dict[str, float | str]]:
         ) from None
 
 
-def read_epoch_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def read_epoch_metrics(run: RunDir) -> dict[str, list[tuple[int, float]]]:
     """Per-epoch (epoch, value) series by metric name; a later start overrides an epoch."""
-    paths = metrics_files(run_dir)
+    paths = run.metrics_files()
     if not paths:
-        raise CifarJobError(f"{run_dir} has no logs/version_*/metrics.csv: is it a run directory?")
+        raise CifarJobError(f"{run.path} has no metrics logged yet: no start reached training")
     by_epoch: dict[str, dict[int, float]] = {}
     for path in paths:
         for row in csv_rows(path):
@@ -70,17 +64,13 @@ def save_figure(fig, out: Path) -> Path:
     return out
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write <run_dir>/curves.png (or `out`) and return its path."""
+def plot_run(run: RunDir, out: str | Path | None = None) -> Path:
+    """Write the run's curves.png (or `out`) and return its path."""
     from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
-    run_dir = Path(run_dir)
-    series = read_epoch_metrics(run_dir)
-    results_path = run_dir / RESULTS
-    confusion = None
-    if results_path.exists():
-        confusion = read_json(results_path, "the final test results").get("test/confusion")
+    series = read_epoch_metrics(run)
+    confusion = run.read(run.results, "the final test results", {}).get("test/confusion")
     panels = 3 if confusion else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5))
     for ax, what in zip(axes, ("loss", "acc")):
@@ -110,9 +100,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             for j, count in enumerate(row):
                 if count:
                     ax.text(j, i, int(count), ha="center", va="center", fontsize=6)
-    fig.suptitle(str(run_dir))
+    fig.suptitle(str(run.path))
     fig.tight_layout()
-    return save_figure(fig, Path(out) if out else run_dir / CURVES)
+    return save_figure(fig, Path(out) if out else run.curves)
 
 
 def plot_curves(table: dict[str, Any], out: Path) -> Path:

@@ -1,6 +1,14 @@
-"""The run directory's one owner: the name of every file in it, the lease, and the store
-of checkpoints. Its writes are atomic (config.write_atomic: a temporary name unique to the
-host, process and thread, then a rename).
+"""The run directory's one owner: the name of every file in it, the one atomic write and
+its JSON, the lease, and the store of checkpoints. `RunDir` is a run directory: the commands
+that read a run (status, hours, plot, compare) open one with `RunDir.existing`, which
+refuses a directory that is not a run; nothing else spells a file name of it
+(tests/test_rundir.py checks the package for them).
+
+Every write is atomic and durable (write_atomic): a temporary name unique to the host,
+process and thread (every rank of every node writes into one shared directory, and two
+nodes' processes may share a pid), write, flush, fsync, rename, fsync of the directory. A
+rename can reach the disk before the data it names: without the first fsync a node that
+loses power can leave config.json, the manifest, the decision or the lease empty.
 
 The lease: one job writes a run directory at a time.
 
@@ -20,34 +28,196 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cifar_job import CifarJobError
-from cifar_job.config import write_atomic, write_json
 from cifar_job.slurm import job_id, local_start
 
-# Every file of a run directory, named once. (The checkpoint store's are below; ModelCheckpoint
-# names best-epochNNN.ckpt; Lightning's loggers write logs/ and tensorboard/.)
-CONFIG = "config.json"  # the resolved config, rewritten by each start
-MANIFEST = "manifest.json"  # version, each start, the final metrics
-RESULTS = "results.json"  # the final test metrics: the run has finished
-DECISION = "decision.json"  # how the last start ended, for the batch script (requeue.sh)
-EVENTS = "events.jsonl"  # each start, its end, hangs: appended
-HEARTBEATS = "heartbeats"  # each rank's last heartbeat (watchdog.py)
-HANG_RECORD = "hang.json"  # the last hang: every rank's heartbeat, the one that stopped
-HANG_CLAIM = "hang.claim"  # the rank that acts on a hang (one per start) created it
-REACHED = "reached.bin"  # the last completed step and its time (ledger.py)
-LOGS = "logs"  # one CSV of metrics per start: logs/version_N/metrics.csv
-CURVES = "curves.png"  # cifar-job plot
-TRACKING = "tracking.json"  # the MLflow server and run this run logs to (tracking.py)
-TRACKING_SPOOL = "tracking-metrics.jsonl"  # what it logged, appended; sent from there
-LEASE = "lease.json"
+# Every file of a run directory, named once: the attribute of RunDir, and its name.
+FILES = {
+    "config": "config.json",  # the resolved config, rewritten by each start
+    "manifest": "manifest.json",  # version, each start, the final metrics
+    "results": "results.json",  # the final test metrics: the run has finished
+    "decision": "decision.json",  # how the last start ended, for the batch script (requeue.sh)
+    "requeue_log": "requeues.log",  # a line per requeue the batch script asked for (requeue.sh)
+    "events": "events.jsonl",  # each start, its phases, its end, hangs: appended
+    "heartbeats": "heartbeats",  # each rank's last heartbeat (watchdog.py): rank-N.json
+    "hang_record": "hang.json",  # the last hang: every rank's heartbeat, the one that stopped
+    "hang_claim": "hang.claim",  # the rank that acts on a hang (one per start) created it
+    "reached": "reached.bin",  # the last completed step and its time (ledger.py)
+    "logs": "logs",  # one CSV of metrics per start: logs/version_N/metrics.csv
+    "tensorboard": "tensorboard",  # --tensorboard
+    "curves": "curves.png",  # cifar-job plot
+    "compare": "compare.png",  # cifar-job compare --plot, in the first run directory
+    "tracking": "tracking.json",  # the MLflow server and run this run logs to (tracking.py)
+    "tracking_spool": "tracking-metrics.jsonl",  # what it logged, appended; sent from there
+    "sweep_plan": "sweep.json",  # a sweep's directory: its grid and elements (sweep.py)
+    "submitit": "submitit",  # cifar-job submit: submitit's scripts and the jobs' logs
+    "lease": "lease.json",  # who writes the run directory now
+}
+CONFIG, MANIFEST, RESULTS, DECISION = (
+    FILES[k] for k in ("config", "manifest", "results", "decision")
+)
+EVENTS, HEARTBEATS, HANG_RECORD = FILES["events"], FILES["heartbeats"], FILES["hang_record"]
+HANG_CLAIM, REACHED, LOGS, CURVES = (FILES[k] for k in ("hang_claim", "reached", "logs", "curves"))
+TRACKING, TRACKING_SPOOL, LEASE = FILES["tracking"], FILES["tracking_spool"], FILES["lease"]
+SWEEP_PLAN, TENSORBOARD = FILES["sweep_plan"], FILES["tensorboard"]
+BEST = "best-epoch{epoch:03d}"  # ModelCheckpoint's name for the best epoch's checkpoint
 # The holder refreshes every LEASE_REFRESH_S; a lease this old has no live holder (8 missed
 # refreshes: a slow shared filesystem is no reason to take over a running job, and a killed
 # container, whose successor has another host name, waits no longer than this).
 LEASE_REFRESH_S, LEASE_TTL_S = 15.0, 120.0
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this host, process and thread."""
+    host, pid, thread = socket.gethostname(), os.getpid(), threading.get_ident()
+    return path.with_name(f".{path.name}.{host}.{pid}.{thread}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable, where the OS allows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse to fsync a directory: the rename still happened
+    finally:
+        os.close(fd)
+
+
+def write_atomic(
+    path: Path,
+    data: str | bytes | Callable[[IO[bytes]], None],
+    durable: bool = True,
+    still_valid: Callable[[], bool] | None = None,
+) -> bool:
+    """Replace path's content at once: a reader sees the old file or the new one, whole.
+
+    `data` is text, bytes, or a function that writes to the open file (torch.save). With
+    `durable` (the default) the data is fsynced before the rename, and the directory after
+    it. `still_valid`, asked once the file is whole, may say that what was written is no
+    longer one state: the file then goes and False is returned. The file's mode follows the
+    umask, as any new file's."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        if still_valid is not None and not still_valid():
+            return False
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2, durable: bool = True) -> None:
+    """Write JSON atomically (write_atomic)."""
+    write_atomic(path, json.dumps(data, indent=indent) + "\n", durable=durable)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of a run directory; a damaged one is an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CifarJobError(
+            f"{path} is damaged ({e}); it holds {what}. Restore it from a copy, or move it "
+            "away to carry on without it."
+        ) from None
+
+
+class RunDir:
+    """A run directory: the path of each of its files (an attribute per FILES entry)."""
+
+    config: Path
+    manifest: Path
+    results: Path
+    decision: Path
+    requeue_log: Path
+    events: Path
+    heartbeats: Path
+    hang_record: Path
+    hang_claim: Path
+    reached: Path
+    logs: Path
+    tensorboard: Path
+    curves: Path
+    compare: Path
+    tracking: Path
+    tracking_spool: Path
+    sweep_plan: Path
+    submitit: Path
+    lease: Path
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        for attribute, name in FILES.items():
+            setattr(self, attribute, self.path / name)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def heartbeat(self, rank: int) -> Path:
+        """Rank `rank`'s heartbeat file."""
+        return self.heartbeats / f"rank-{rank:05d}.json"
+
+    def heartbeat_files(self) -> list[Path]:
+        """Every rank's heartbeat file."""
+        return sorted(self.heartbeats.glob("rank-*.json"))
+
+    def metrics_files(self) -> list[Path]:
+        """The CSV logs of every start, oldest first (logs/version_N/metrics.csv)."""
+        paths = self.logs.glob("version_*/metrics.csv")
+        return sorted(paths, key=lambda p: int(p.parent.name.removeprefix("version_")))
+
+    def is_run(self) -> bool:
+        """Whether a run has started here (a start writes its config and events first)."""
+        return self.path.is_dir() and any(
+            p.exists() for p in (self.manifest, self.events, self.config)
+        )
+
+    def is_sweep(self) -> bool:
+        """Whether this is a sweep's directory (`submit --sweep` wrote its plan)."""
+        return self.sweep_plan.is_file()
+
+    @classmethod
+    def existing(cls, path: str | Path, sweep_ok: bool = True) -> RunDir:
+        """The run directory at `path`, for a command that reads one: a directory that is
+        not a run (nor, with `sweep_ok`, a sweep's) is refused with one line naming it."""
+        run = cls(path)
+        if not run.path.exists():
+            raise CifarJobError(f"{run.path} does not exist")
+        if not run.path.is_dir():
+            raise CifarJobError(f"{run.path} is a file, not a run directory")
+        if not (run.is_run() or (sweep_ok and run.is_sweep())):
+            kinds = "a run directory" + (" or a sweep's" if sweep_ok else "")
+            raise CifarJobError(
+                f"{run.path} is not {kinds}: it has no {MANIFEST}, {FILES['events']} or "
+                f"{CONFIG}{' (nor ' + SWEEP_PLAN + ')' if sweep_ok else ''}. Give the "
+                "--run-dir of a run that started."
+            )
+        return run
+
+    def read(self, path: Path, what: str, default: Any = None) -> Any:
+        """One of its JSON files, or `default` where it is missing; a damaged one is an
+        error that names it."""
+        return read_json(path, what) if path.exists() else default
 
 
 def holder_name() -> str:
@@ -158,20 +328,6 @@ def step_file(step: int) -> str:
     return f"step-{step:08d}.ckpt"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the directory's entries (a rename, a new file) durable, where the OS allows."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse to fsync a directory: the rename still happened
-    finally:
-        os.close(fd)
-
-
 class CheckpointStore:
     """The run directory's checkpoints: step-numbered files, the `latest` pointer, retention."""
 
@@ -196,6 +352,10 @@ class CheckpointStore:
             return None
         return path
 
+    def leftovers(self) -> list[Path]:
+        """The temporary files of checkpoint writes that a kill interrupted (temp_path's)."""
+        return list(self.run_dir.glob(".*.ckpt.*.tmp"))
+
     def candidates(self) -> list[Path]:
         """Where to resume from, in order: `latest`'s file, then the step files newest
         first (a damaged pointer, or a newest file cut short)."""
@@ -208,7 +368,7 @@ class CheckpointStore:
         """Make `path`, just written whole, the one to resume from; then apply retention."""
         fsync_dir(self.run_dir)  # the file's rename first, then the pointer to it
         write_atomic(self.run_dir / LATEST, path.name + "\n")
-        link = self.run_dir / f".{LAST}.{socket.gethostname()}.{os.getpid()}.tmp"
+        link = temp_path(self.run_dir / LAST)
         link.unlink(missing_ok=True)
         os.symlink(path.name, link)
         os.replace(link, self.run_dir / LAST)

@@ -9,23 +9,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cifar_job.rundir import MANIFEST, RESULTS, TRACKING
+from cifar_job.rundir import RunDir
 
 
-def run_status(run_dir: str | Path) -> dict[str, Any]:
+def run_status(run: RunDir) -> dict[str, Any]:
     """Where a run stands: state, step, epoch, restarts and the last metrics."""
-    from cifar_job import CifarJobError
-    from cifar_job.config import read_json
-    from cifar_job.plot import metrics_files
-
-    run_dir = Path(run_dir)
-    manifest_path = run_dir / MANIFEST
-    if not run_dir.is_dir():
-        raise CifarJobError(f"{run_dir} does not exist or is not a directory")
-    if not manifest_path.exists():
-        raise CifarJobError(f"{run_dir} has no manifest.json: not a cifar-job run directory")
-    manifest = read_json(manifest_path, "the run's history (version, starts, final metrics)")
+    manifest = run.read(run.manifest, "the run's history (version, starts, final metrics)", {})
     starts = manifest.get("starts", [])
+    run_dir = run.path
     status: dict[str, Any] = {
         "run_dir": str(run_dir),
         "starts": len(starts),
@@ -33,19 +24,18 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     }
     status |= checkpoint_position(run_dir)
     job_id = starts[-1].get("job_id") if starts else None
-    if (run_dir / RESULTS).exists():
+    if run.results.exists():
         status["state"] = "finished"
-        final = read_json(run_dir / RESULTS, "the final test results")
+        final = run.read(run.results, "the final test results")
         status["metrics"] = {
             k: v for k, v in final.items() if k.startswith("test/") and k != "test/confusion"
         }
     else:
         status["state"] = slurm_state(job_id) if job_id else "stopped (not running under Slurm)"
-        status["metrics"] = last_metrics(metrics_files(run_dir))
+        status["metrics"] = last_metrics(run.metrics_files())
     status["job_id"] = job_id
-    tracking = run_dir / TRACKING
-    if tracking.exists():  # --tracker mlflow: where the run is on the server
-        status["tracking"] = read_json(tracking, "the MLflow run this run logs to")
+    if run.tracking.exists():  # --tracker mlflow: where the run is on the server
+        status["tracking"] = run.read(run.tracking, "the MLflow run this run logs to")
     return status
 
 

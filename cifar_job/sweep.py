@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from cifar_job import CifarJobError, OptionError, __version__
-from cifar_job.config import FIXED, TrainConfig, dashed, read_json, write_json
-from cifar_job.rundir import RESULTS
+from cifar_job.config import FIXED, TrainConfig, dashed
+from cifar_job.rundir import RESULTS, SWEEP_PLAN, RunDir, read_json, write_json
 
-PLAN = "sweep.json"
+PLAN = SWEEP_PLAN
 # More elements than this is most likely a typo (a long list times another): ask first.
 MAX_ELEMENTS = 1000
 # Settings that say where a run lives, not what it is: never swept.
@@ -160,7 +160,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     try:
-        curve = read_epoch_metrics(run_dir).get("val/acc", [])
+        curve = read_epoch_metrics(RunDir(run_dir)).get("val/acc", [])
     except CifarJobError:
         curve = []  # not started yet
     row: dict[str, Any] = {"run_dir": str(run_dir), "epochs": len(curve), "val_acc_curve": curve}
@@ -178,9 +178,7 @@ def compare(run_dirs: list[Path]) -> dict[str, Any]:
     and, for runs that differ only in their seed, the mean and spread over seeds."""
     rows: list[dict[str, Any]] = []
     for given in run_dirs:
-        given = Path(given)
-        if not given.is_dir():
-            raise CifarJobError(f"{given} does not exist or is not a directory")
+        given = RunDir.existing(given).path
         plan = read_plan(given)
         if plan is None:
             rows.append({**summary(given), "name": given.name, "settings": {}})

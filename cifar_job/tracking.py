@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from cifar_job import __version__
-from cifar_job.config import TrainConfig, read_json, write_json
+from cifar_job.config import TrainConfig
 from cifar_job.mlflow_client import (
     client_for,
     describe,
@@ -46,7 +46,7 @@ from cifar_job.mlflow_client import (
     read_state,
     say,
 )
-from cifar_job.rundir import TRACKING, TRACKING_SPOOL
+from cifar_job.rundir import SWEEP_PLAN, TRACKING, TRACKING_SPOOL, read_json, write_json
 
 FLUSH_S = 2.0  # a metric reaches the server this long after it is logged
 RETRY_S = (2.0, 5.0, 15.0, 30.0)  # waits between tries while the server does not answer
@@ -221,7 +221,7 @@ class MlflowTracker(Logger):
         """A new MLflow run for this run directory; its id saved at once."""
         tags = {"cifar_job.run_dir": str(self.run_dir.resolve()), "cifar_job.version": __version__}
         sweep_dir = self.run_dir.parent
-        plan_path = sweep_dir / "sweep.json"
+        plan_path = sweep_dir / SWEEP_PLAN
         if plan_path.exists():
             plan = read_json(plan_path, "the sweep's plan")
             parent = ensure_sweep_parent(client, self.uri, sweep_dir, self.experiment, plan)
@@ -325,7 +325,7 @@ class MlflowTracker(Logger):
         from cifar_job.sweep import is_finished, read_plan
 
         sweep_dir = self.run_dir.parent
-        plan = read_plan(sweep_dir) if (sweep_dir / "sweep.json").exists() else None
+        plan = read_plan(sweep_dir)
         parent = read_state(sweep_dir / TRACKING).get("run_id")
         if plan and parent and all(is_finished(e) for e in plan["elements"]):
             self._client.set_terminated(parent, "FINISHED")

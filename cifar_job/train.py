@@ -24,18 +24,12 @@ from cifar_job import (
     ledger,
     tracking,
 )
-from cifar_job.config import (
-    TrainConfig,
-    max_time_seconds,
-    read_json,
-    resume_clashes,
-    write_json,
-)
+from cifar_job.config import TrainConfig, max_time_seconds, resume_clashes
 from cifar_job.loader import CIFAR10DataModule
 from cifar_job.mlflow_client import check_client
 from cifar_job.module import CifarClassifier
 from cifar_job.phases import Phases
-from cifar_job.rundir import CONFIG, CURVES, MANIFEST, RESULTS, Lease
+from cifar_job.rundir import CONFIG, MANIFEST, RESULTS, Lease, RunDir, read_json, write_json
 from cifar_job.slurm import (
     check_container,
     job_id,
@@ -280,9 +274,9 @@ def final_artifacts(run_dir: Path, cfg: TrainConfig, results: dict[str, Any]) ->
 
     paths = [run_dir / RESULTS]
     try:
-        paths.append(plot_run(run_dir, run_dir / CURVES))
+        paths.append(plot_run(RunDir(run_dir)))
     except Exception as e:  # a plot is never worth failing a finished run for
-        print(f"tracking: no {CURVES}: {e}", file=sys.stderr, flush=True)
+        print(f"tracking: no {RunDir(run_dir).curves.name}: {e}", file=sys.stderr, flush=True)
     if cfg.log_model and results.get("best_checkpoint"):
         paths.append(Path(results["best_checkpoint"]))
     return paths

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from cifar_job import OptionError, quiet_deprecations
 from cifar_job.checkpoints import AtomicCheckpointIO
 from cifar_job.config import TrainConfig
-from cifar_job.rundir import LOGS
+from cifar_job.rundir import BEST, LOGS, TENSORBOARD
 from cifar_job.slurm import slurm_layout
 
 
@@ -114,7 +114,7 @@ def build_trainer(
         # refreshes last.ckpt only in epochs that improved on the best.
         ModelCheckpoint(
             dirpath=run_dir,
-            filename="best-epoch{epoch:03d}",
+            filename=BEST,
             auto_insert_metric_name=False,
             monitor="val/acc",
             mode="max",
@@ -130,7 +130,7 @@ def build_trainer(
     # an existing metrics.csv when it opens it again. `cifar-job plot` reads them in order.
     all_loggers: list[Logger] = [CSVLogger(run_dir, name=LOGS)]
     if cfg.tensorboard:
-        all_loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+        all_loggers.append(TensorBoardLogger(run_dir, name=TENSORBOARD))
     all_loggers += loggers or []
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

@@ -51,8 +51,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cifar_job import checkpoints, events
-from cifar_job.config import write_json
-from cifar_job.rundir import HANG_CLAIM, HANG_RECORD, HEARTBEATS, CheckpointStore
+from cifar_job.rundir import HANG_CLAIM, HANG_RECORD, CheckpointStore, RunDir, write_json
 from cifar_job.slurm import local_start
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
@@ -340,7 +339,7 @@ class Watchdog(Callback):
     # --- what it writes
 
     def _beat_path(self) -> Path:
-        return self.run_dir / HEARTBEATS / f"rank-{self.rank:05d}.json"
+        return RunDir(self.run_dir).heartbeat(self.rank)
 
     def _beat(self, now: float) -> dict[str, Any]:
         return {
@@ -360,7 +359,9 @@ class Watchdog(Callback):
             self.on_beat()
         try:
             self._beat_path().parent.mkdir(exist_ok=True)
-            write_json(self._beat_path(), self._beat(now))
+            # Not fsynced: a heartbeat is worthless after a power loss, and an fsync on a slow
+            # shared filesystem would hold this thread, which must notice hangs.
+            write_json(self._beat_path(), self._beat(now), durable=False)
         except OSError:
             pass  # a full or stalled filesystem: the idle time tells, not this
 
@@ -541,7 +542,7 @@ class Watchdog(Callback):
 
     def _read_beats(self) -> dict[int, dict[str, Any]]:
         beats = {}
-        for path in (self.run_dir / HEARTBEATS).glob("rank-*.json"):
+        for path in RunDir(self.run_dir).heartbeat_files():
             try:
                 beat = json.loads(path.read_text())
                 if beat["start"] == self.start_key:  # not a rank of an earlier start

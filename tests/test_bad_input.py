@@ -305,7 +305,7 @@ CASES = {
         ("results.json is damaged",),
         lambda tmp: run_dir(tmp, **{"results.json": "{"}),
     ),
-    "plot of a plain directory": Case("plot {tmp}", 1, ("no logs/version_*/metrics.csv",)),
+    "plot of a plain directory": Case("plot {tmp}", 1, ("is not a run directory",)),
     "plot to a text file": Case(
         "plot {tmp}/run --out {tmp}/curves.txt", 2, ("--out", "curves.txt", ".png"), run_dir
     ),

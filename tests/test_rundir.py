@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SMOKE, cifar_job
@@ -97,3 +98,141 @@ def test_a_sweep_does_not_take_a_failed_squeue_for_no_job_running(tmp_path, monk
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with pytest.raises(CifarJobError, match="squeue failed, so which sweep elements still run"):
         queued_elements([{"job": "5", "elements": [0, 1]}])
+
+
+def run_dir_names_outside_rundir() -> list[str]:
+    """Every string in the package's modules but rundir.py that spells a run directory's
+    file as a path: a string without spaces (prose and help texts have them) that is one of
+    the names, or ends in one after a slash or a dot (f"{run_dir}/results.json")."""
+    import ast
+
+    from cifar_job import rundir
+
+    names = {*rundir.FILES.values(), rundir.LATEST, rundir.LAST, "rank-", "version_"}
+    names |= {"best-epoch", "step-", ".ckpt."}
+    names -= {rundir.FILES["submitit"]}  # also the name of submitit's logger
+    found = []
+    for module in sorted(Path(rundir.__file__).parent.glob("*.py")):
+        if module.name == "rundir.py":
+            continue
+        tree = ast.parse(module.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Constant) or not isinstance(node.value, str):
+                continue
+            text = node.value.strip()
+            if id(node) in docstrings or not text or any(c.isspace() for c in text):
+                continue
+            for name in names:
+                at = text.find(name)
+                if at < 0:
+                    continue
+                end = at + len(name)
+                before = at == 0 or text[at - 1] in "/.*"
+                after = end == len(text) or text[end] in "/.{*)"
+                if before and after:
+                    found.append(f"{module.name}:{node.lineno}: {text!r}")
+    return found
+
+
+def test_no_module_but_rundir_spells_a_run_directory_file():
+    assert run_dir_names_outside_rundir() == []
+
+
+def test_every_atomic_write_is_fsynced_before_its_rename_and_the_directory_after(
+    tmp_path, monkeypatch
+):
+    """A rename can reach the disk before the data it names: after a power loss the file
+    would be empty. The data is fsynced, then renamed, then the directory is fsynced."""
+    import stat
+
+    import torch
+
+    from cifar_job import checkpoints, rundir
+
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    writes = {
+        "json": lambda: rundir.write_json(tmp_path / "config.json", {"lr": 0.1}),
+        "decision": lambda: checkpoints.write_marker(tmp_path, "requeue", step=3),
+        "lease": lambda: Lease(tmp_path).acquire(),
+        "checkpoint": lambda: checkpoints.write_checkpoint({"w": torch.ones(2)}, tmp_path / "c"),
+    }
+    for name, write in writes.items():
+        calls.clear()
+        write()
+        assert calls[-3:] == ["file", "rename", "dir"], (name, calls)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 0.1}
+    assert not list(tmp_path.glob(".*.tmp"))
+    calls.clear()
+    rundir.write_json(tmp_path / "beat.json", {}, durable=False)  # a heartbeat: no fsync
+    assert calls == ["rename"]
+
+
+@pytest.mark.parametrize("command", ["status", "hours", "plot", "compare"])
+def test_commands_that_read_a_run_refuse_a_directory_that_is_not_one(command, tmp_path):
+    from click.testing import CliRunner
+
+    from cifar_job.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a run")
+    result = CliRunner().invoke(main, [command, str(empty)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output  # one line, no traceback, no ledger of zeros
+    assert lines[0].startswith(f"Error: {empty} is not a run directory"), lines[0]
+    assert "manifest.json" in lines[0] and "Give the --run-dir of a run that started" in lines[0]
+
+
+def test_a_damaged_file_of_a_finished_run_is_named(tmp_path):
+    from click.testing import CliRunner
+
+    from cifar_job.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"starts": [{"job_id": None}]}))
+    (run / "results.json").write_text('{"test/acc": 0.9')  # cut short
+    status = CliRunner().invoke(main, ["status", str(run)])
+    assert status.exit_code == 1 and f"{run / 'results.json'} is damaged" in status.output
+    t = 1_800_000_000.0
+    (run / "events.jsonl").write_text(
+        json.dumps({"time": t, "event": "start", "nodes": 1, "process": t}) + "\n{garbage\n"
+    )
+    hours = CliRunner().invoke(main, ["hours", str(run), "--no-sacct"])
+    assert hours.exit_code == 0, hours.output
+    assert f"warning: {run / 'events.jsonl'}: line 2 is not a whole record" in hours.output
+
+
+@pytest.mark.parametrize("uri", ["ftp://login1:5000", "sqlite:///mlflow.db", "login1:5000"])
+def test_a_tracking_uri_that_cannot_be_a_server_is_refused_before_training(uri, tmp_path):
+    from click.testing import CliRunner
+
+    from cifar_job.cli import main
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--tracker", "mlflow", "--tracking-uri", uri, "--run-dir", str(run_dir)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"--tracking-uri {uri!r} cannot be an MLflow tracking server" in result.output
+    assert not run_dir.exists()  # refused before anything was written

@@ -175,6 +175,7 @@ def test_compare_takes_any_run_directories(tmp_path):
         logs.mkdir(parents=True)
         rows = "".join(f"{e},{e * 10},{acc}\n" for e, acc in enumerate(accs))
         (logs / "metrics.csv").write_text("epoch,step,val/acc\n" + rows)
+        (tmp_path / name / "config.json").write_text("{}")  # every run has one
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
