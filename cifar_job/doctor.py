@@ -5,12 +5,11 @@ this module reads the cluster's environment."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
 from cifar_job.config import parse_devices
+from cifar_job.slurm import batch_script, job_environment, job_info
 
 # DataLoader workers pass batches through /dev/shm; Docker's default of 64 MiB crashes them.
 MIN_SHM_BYTES = 1 << 30
@@ -26,52 +25,12 @@ class Check:
 
 def environment() -> dict[str, Any]:
     """The cluster environment as Lightning will see it."""
-    from cifar_job.slurm import in_srun_step, slurm_nodes, tasks_per_node
-
-    env = os.environ
-    info: dict[str, Any] = {"slurm_job": env.get("SLURM_JOB_ID"), "srun_step": in_srun_step()}
-    if info["slurm_job"]:
-        info |= {
-            "job_name": env.get("SLURM_JOB_NAME"),
-            "nodes": env.get("SLURM_JOB_NODELIST"),
-            "num_nodes": slurm_nodes(),
-            "tasks_per_node": tasks_per_node(),
-            "global_rank": env.get("SLURM_PROCID"),
-            "local_rank": env.get("SLURM_LOCALID"),
-            "node_rank": env.get("SLURM_NODEID"),
-            "restarts": int(env.get("SLURM_RESTART_COUNT", 0)),
-        }
-        if info["srun_step"]:
-            from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-            slurm = SLURMEnvironment(auto_requeue=False)
-            info |= {"master_addr": slurm.main_address, "master_port": slurm.main_port}
     import torch
 
-    info["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")
+    info = job_environment()
+    info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     info["cuda_devices"] = torch.cuda.device_count()
     return info
-
-
-def job_info(job_id: str) -> str | None:
-    """`scontrol show job -o` for the job, or None where there is no scontrol."""
-    if not shutil.which("scontrol"):
-        return None
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    return out.stdout if out.returncode == 0 else None
-
-
-def batch_script(job_id: str, info: str) -> str | None:
-    """The job's batch script as Slurm stored it, or None (not a batch job, or unreadable)."""
-    if "BatchFlag=1" not in info:  # srun or salloc: there is no batch script
-        return None
-    out = subprocess.run(
-        ["scontrol", "write", "batch_script", job_id, "-"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return out.stdout if out.returncode == 0 else None
 
 
 def checks(

@@ -254,23 +254,11 @@ def _live_executor(
 
 def queued_elements(submissions: list[dict[str, Any]]) -> set[int]:
     """The sweep elements whose array task (or job) Slurm still has pending or running."""
-    import getpass
-    import subprocess
+    from cifar_job.slurm import my_queued_jobs
 
-    if not submissions or shutil.which("squeue") is None:
+    alive = my_queued_jobs() if submissions else None
+    if alive is None:
         return set()
-    # The user's jobs, filtered here: `squeue -j` fails outright on an id Slurm has forgotten.
-    out = subprocess.run(
-        ["squeue", "-h", "-r", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True
-    )
-    if out.returncode:
-        # Not "none is queued": the elements still running would be submitted again, and two
-        # jobs would write one run directory.
-        raise CifarJobError(
-            f"squeue failed, so which sweep elements still run is unknown: "
-            f"{out.stderr.strip() or out.returncode}. Try again once squeue answers."
-        )
-    alive = set(out.stdout.split())
     found = set()
     for s in submissions:
         for task, element in enumerate(s["elements"]):

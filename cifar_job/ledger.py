@@ -28,7 +28,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 from cifar_job import events
 from cifar_job.rundir import EVENTS, REACHED
+from cifar_job.slurm import sacct_allocations
 
 # Kept training first: the one useful share. Then what the allocation spent otherwise.
 CATEGORIES = (
@@ -67,14 +67,6 @@ def process_started() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
-
-
-def allocation_started() -> float | None:
-    """When Slurm started this job's allocation (this start's), if it says."""
-    try:
-        return float(os.environ["SLURM_JOB_START_TIME"])
-    except (KeyError, ValueError):
-        return None
 
 
 class StepCounter:
@@ -121,25 +113,17 @@ class Allocation:
 
 
 def sacct(job: str) -> tuple[list[Allocation], str | None]:
-    """Every allocation of the job (each requeue is one, --duplicates), oldest first, or []
-    and why sacct gave none."""
-    fields = "JobID,Start,End,State,NNodes"
-    cmd = ["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", fields]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return [], f"sacct: {e}"
-    if out.returncode != 0:
-        return [], (out.stderr.strip().splitlines() or ["sacct failed"])[-1]
+    """Every allocation of the job (each requeue is one), oldest first, or [] and why sacct
+    gave none."""
+    rows, why = sacct_allocations(job)
+    if why is not None:
+        return [], why
     found = []
-    for line in out.stdout.splitlines():
-        parts = line.split("|")
-        if len(parts) != 5 or parts[0] != job:
-            continue
-        start = _slurm_time(parts[1])
+    for start_text, end_text, state, nodes in rows:
+        start = _slurm_time(start_text)
         if start is None:
             continue  # never started (pending, or cancelled while pending)
-        found.append(Allocation(start, _slurm_time(parts[2]), int(parts[4] or 1), parts[3]))
+        found.append(Allocation(start, _slurm_time(end_text), nodes, state))
     if not found:
         return [], f"sacct has no allocation of job {job}"
     return sorted(found, key=lambda a: a.start), None

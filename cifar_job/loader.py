@@ -9,7 +9,7 @@ Trainer for the world size.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cifar_job import OptionError
 from cifar_job.config import TrainConfig
 from cifar_job.dataset import FOLDER, download, load_split, make_synthetic, read_verified, verify
-from cifar_job.slurm import loader_workers
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -201,9 +200,12 @@ class TensorLoader:
 class CIFAR10DataModule(L.LightningDataModule):
     """CIFAR-10 (or synthetic data of its shape): split, batched, augmented on the device."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, workers: Callable[[int], int] | None = None) -> None:
+        """`workers(ranks on this node)` sizes the DataLoader's workers (--data-loader
+        torch); train.py passes slurm.loader_workers. Without it, --num-workers, else 1."""
         super().__init__()
         self.cfg = cfg
+        self.workers = workers or (lambda ranks: 1 if cfg.num_workers is None else cfg.num_workers)
         self.splits: dict[str, TensorImages] = {}
         self.resume_position: tuple[int, int] | None = None
         self.on_device: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -266,9 +268,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         if self.cfg.data_loader == "tensor":
             images, labels = self.split_on_device(split)
             return TensorLoader(images, labels, sampler, self.batch_per_rank, drop_last=shuffle)
-        workers = loader_workers(
-            self.trainer.num_devices if self.trainer else 1, self.cfg.num_workers
-        )
+        workers = self.workers(self.trainer.num_devices if self.trainer else 1)
         return DataLoader(
             data,
             batch_size=self.batch_per_rank,

@@ -65,6 +65,8 @@ class CifarClassifier(L.LightningModule):
         values only on the steps the logger and the log lines write (--log-every-n-steps);
         with a progress bar on a terminal, every step. Epoch values come from sums on the
         device, reduced across ranks once per epoch. No step waits for the device.
+
+        What else runs on a step (the callbacks' hooks, their cost and why): docs/step.md.
         """
         images, labels = batch
         logits = self(images)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from cifar_job import CifarJobError
-from cifar_job.slurm import job_id, local_start
 
 # Every file of a run directory, named once: the attribute of RunDir, and its name.
 FILES = {
@@ -220,21 +219,14 @@ class RunDir:
         return read_json(path, what) if path.exists() else default
 
 
-def holder_name() -> str:
-    """Who this process writes for: its Slurm job (array task included), or, outside Slurm,
-    the host and the process that started the run (Lightning's local ranks inherit it)."""
-    if job := job_id():
-        return f"Slurm job {job}"
-    host, _, pid = local_start().rpartition(".")
-    return f"process {pid} on {host}"
-
-
 class Lease:
     """This run's claim on its run directory."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, holder: str, job: str | None = None) -> None:
+        """`holder` names who writes (slurm.holder_name: the Slurm job, or the process that
+        started a local run); `job`, the Slurm job, if any."""
         self.path = run_dir / LEASE
-        self.holder = holder_name()
+        self.holder, self.job = holder, job
         self.held = False
         self.refreshed = 0.0
 
@@ -303,7 +295,7 @@ class Lease:
             self.path,
             {
                 "holder": self.holder,
-                "job": os.environ.get("SLURM_JOB_ID"),
+                "job": self.job,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "since": since,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -178,3 +180,146 @@ def local_start() -> str:
     """Outside Slurm, the host and pid of the process that started the run, as HOST.PID:
     Lightning's local ranks inherit it through the environment, so they all name one run."""
     return os.environ.setdefault("CIFAR_JOB_START", f"{socket.gethostname()}.{os.getpid()}")
+
+
+def restart_count() -> int:
+    """How many times Slurm requeued this job (0 for its first start, and outside Slurm)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def under_slurm() -> bool:
+    """Whether this process runs in a Slurm job."""
+    return "SLURM_JOB_ID" in os.environ
+
+
+def start_id() -> str:
+    """What this start's ranks share, and earlier starts' lack: Slurm's job and restart
+    count, or a name the first process of a local run passes on to the ranks that Lightning
+    launches (they inherit its environment)."""
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"{job}.{restart_count()}"
+    return local_start()
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (what --exclude takes), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, srun, Lightning), before
+    the process group says: 0 where none did."""
+    env = os.environ
+    return int(env.get("RANK") or env.get("SLURM_PROCID") or env.get("LOCAL_RANK") or 0)
+
+
+def holder_name() -> str:
+    """Who this process writes a run directory for: its Slurm job (array task included) or,
+    outside Slurm, the host and the process that started the run (Lightning's local ranks
+    inherit it)."""
+    if job := job_id():
+        return f"Slurm job {job}"
+    host, _, pid = local_start().rpartition(".")
+    return f"process {pid} on {host}"
+
+
+def allocation_started() -> float | None:
+    """When Slurm started this job's allocation (this start's), if it says."""
+    try:
+        return float(os.environ["SLURM_JOB_START_TIME"])
+    except (KeyError, ValueError):
+        return None
+
+
+def job_state(job: str) -> str:
+    """The job's Slurm state (running, pending, ...), or "stopped" once Slurm forgot it."""
+    if not shutil.which("squeue"):
+        return "unknown (no squeue here)"
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip().lower() or "stopped"
+
+
+def sacct_allocations(job: str) -> tuple[list[tuple[str, str, str, int]], str | None]:
+    """Every allocation of the job as Slurm's accounting has it (each requeue is one:
+    --duplicates), as (start, end, state, nodes) in sacct's own spelling, or [] and why sacct
+    gave none."""
+    fields = "JobID,Start,End,State,NNodes"
+    cmd = ["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", fields]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"sacct: {e}"
+    if out.returncode != 0:
+        return [], (out.stderr.strip().splitlines() or ["sacct failed"])[-1]
+    rows = []
+    for line in out.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) == 5 and parts[0] == job:
+            rows.append((parts[1], parts[2], parts[3], int(parts[4] or 1)))
+    return rows, None
+
+
+def job_environment() -> dict[str, Any]:
+    """This job as Slurm and Lightning see it: job, ranks, nodes, master address and port."""
+    env = os.environ
+    info: dict[str, Any] = {"slurm_job": env.get("SLURM_JOB_ID"), "srun_step": in_srun_step()}
+    if info["slurm_job"]:
+        info |= {
+            "job_name": env.get("SLURM_JOB_NAME"),
+            "nodes": env.get("SLURM_JOB_NODELIST"),
+            "num_nodes": slurm_nodes(),
+            "tasks_per_node": tasks_per_node(),
+            "global_rank": env.get("SLURM_PROCID"),
+            "local_rank": env.get("SLURM_LOCALID"),
+            "node_rank": env.get("SLURM_NODEID"),
+            "restarts": restart_count(),
+        }
+        if info["srun_step"]:
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+            slurm = SLURMEnvironment(auto_requeue=False)
+            info |= {"master_addr": slurm.main_address, "master_port": slurm.main_port}
+    return info
+
+
+def job_info(job_id: str) -> str | None:
+    """`scontrol show job -o` for the job, or None where there is no scontrol."""
+    if not shutil.which("scontrol"):
+        return None
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+def batch_script(job_id: str, info: str) -> str | None:
+    """The job's batch script as Slurm stored it, or None (not a batch job, or unreadable)."""
+    if "BatchFlag=1" not in info:  # srun or salloc: there is no batch script
+        return None
+    out = subprocess.run(
+        ["scontrol", "write", "batch_script", job_id, "-"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout if out.returncode == 0 else None
+
+
+def my_queued_jobs() -> set[str] | None:
+    """The ids (array tasks as JOB_TASK) of this user's jobs that Slurm has pending or
+    running; None where there is no squeue. Raises CifarJobError where squeue fails."""
+    import getpass
+
+    if shutil.which("squeue") is None:
+        return None
+    # The user's jobs, filtered by the caller: `squeue -j` fails outright on an id Slurm has
+    # forgotten.
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True
+    )
+    if out.returncode:
+        # Not "none is queued": the elements still running would be submitted again, and two
+        # jobs would write one run directory.
+        raise CifarJobError(
+            f"squeue failed, so which sweep elements still run is unknown: "
+            f"{out.stderr.strip() or out.returncode}. Try again once squeue answers."
+        )
+    return set(out.stdout.split())

@@ -4,12 +4,11 @@ and the last metrics. Reads; writes nothing."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from cifar_job.rundir import RunDir
+from cifar_job.slurm import job_state
 
 
 def run_status(run: RunDir) -> dict[str, Any]:
@@ -31,7 +30,7 @@ def run_status(run: RunDir) -> dict[str, Any]:
             k: v for k, v in final.items() if k.startswith("test/") and k != "test/confusion"
         }
     else:
-        status["state"] = slurm_state(job_id) if job_id else "stopped (not running under Slurm)"
+        status["state"] = job_state(job_id) if job_id else "stopped (not running under Slurm)"
         status["metrics"] = last_metrics(run.metrics_files())
     status["job_id"] = job_id
     if run.tracking.exists():  # --tracker mlflow: where the run is on the server
@@ -62,14 +61,6 @@ def checkpoint_position(run_dir: Path) -> dict[str, Any]:
         info |= {"step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
         info["checkpoint"] = Path(path).name
     return info
-
-
-def slurm_state(job_id: str) -> str:
-    """The job's Slurm state (RUNNING, PENDING, ...), or "stopped" once Slurm forgot it."""
-    if not shutil.which("squeue"):
-        return "unknown (no squeue here)"
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
-    return out.stdout.strip().lower() or "stopped"
 
 
 def last_metrics(paths: list[Path]) -> dict[str, float]:

@@ -51,7 +51,7 @@ from cifar_job.rundir import SWEEP_PLAN, TRACKING, TRACKING_SPOOL, read_json, wr
 FLUSH_S = 2.0  # a metric reaches the server this long after it is logged
 RETRY_S = (2.0, 5.0, 15.0, 30.0)  # waits between tries while the server does not answer
 # The most a start's end waits for the server.
-END_WAIT_S = float(os.environ.get("CIFAR_JOB_TRACKING_WAIT", "30"))
+END_WAIT_VAR, END_WAIT_S = "CIFAR_JOB_TRACKING_WAIT", 30.0
 BATCH = 1000  # MLflow's limit of metrics per log_batch
 # How a start ended (train.record_end's reason) -> the MLflow run's status.
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED", "hang": "FAILED"}
@@ -126,7 +126,8 @@ class MlflowTracker(Logger):
         at most wait_s (END_WAIT_S) for the server."""
         if self._thread is None:
             return
-        wait_s = END_WAIT_S if wait_s is None else wait_s
+        if wait_s is None:
+            wait_s = float(os.environ.get(END_WAIT_VAR) or END_WAIT_S)
         self._end = (reason, message or "", [Path(a) for a in artifacts])
         self._stop.set()
         self._thread.join(wait_s)

@@ -31,14 +31,21 @@ from cifar_job.module import CifarClassifier
 from cifar_job.phases import Phases
 from cifar_job.rundir import CONFIG, MANIFEST, RESULTS, Lease, RunDir, read_json, write_json
 from cifar_job.slurm import (
+    allocation_started,
     check_container,
+    holder_name,
     job_id,
+    launch_rank,
     loader_workers,
+    node_name,
+    restart_count,
     running_image,
     size_threads,
+    start_id,
+    under_slurm,
 )
 from cifar_job.trainer import build_trainer, end_process_group
-from cifar_job.watchdog import Watchdog, node_name
+from cifar_job.watchdog import FAULT_VAR, Watchdog, Where
 
 
 def run(cfg: TrainConfig) -> dict[str, Any] | None:
@@ -53,7 +60,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
     run_dir = open_run_dir(cfg)
     # One job writes a run directory at a time: rank 0 holds the lease for all its ranks.
-    lease = Lease(run_dir) if rank_zero_only.rank == 0 else None
+    lease = Lease(run_dir, holder_name(), job_id()) if rank_zero_only.rank == 0 else None
     if lease is not None and (took_over := lease.acquire()):
         print(took_over, flush=True)
     try:
@@ -79,7 +86,15 @@ def train_and_record(
 ) -> dict[str, Any] | None:
     """fit_and_test under the watchdog, with how the start ended recorded."""
     # From here on, a rank that stops making progress ends the start (watchdog.py).
-    watchdog = Watchdog(run_dir, cfg.hang_timeout, cfg.exclude_hung_node)
+    where = Where(
+        rank=launch_rank(),
+        node=node_name(),
+        start_key=start_id(),
+        start_number=restart_count() + 1,
+        under_slurm=under_slurm(),
+        fault=os.environ.get(FAULT_VAR, ""),
+    )
+    watchdog = Watchdog(run_dir, cfg.hang_timeout, cfg.exclude_hung_node, where)
     if lease is not None:
         watchdog.on_beat = lease.refresh
     tracker = tracking.make_tracker(run_dir, cfg)
@@ -138,7 +153,7 @@ def fit_and_test(
             node=node_name(),
             nodes=trainer.num_nodes,
             process=round(ledger.process_started(), 3),
-            allocated=ledger.allocation_started(),
+            allocated=allocation_started(),
             reached=ledger.read_reached(run_dir),  # the newest earlier start's last step
         )
         checkpoints.clear_leftovers(run_dir)
@@ -180,7 +195,7 @@ def fit_and_test(
 
 def build_datamodule(cfg: TrainConfig) -> CIFAR10DataModule:
     """The DataModule for cfg's dataset, split and batch size."""
-    return CIFAR10DataModule(cfg)
+    return CIFAR10DataModule(cfg, lambda ranks: loader_workers(ranks, cfg.num_workers))
 
 
 def open_run_dir(cfg: TrainConfig) -> Path:

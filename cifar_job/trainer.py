@@ -31,7 +31,7 @@ def quiet_lightning() -> None:
     """Keep Lightning to its warnings, and those that tell the user something.
 
     Its info lines (devices found, cloud-service tips, "Restoring states ...") and the
-    hints below are noise in a job's log: run.py and LogLines print what happened.
+    hints below are noise in a job's log: train.py and LogLines print what happened.
     """
     quiet_deprecations()  # also for a job that submitit starts, which skips the CLI
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -29,6 +29,12 @@ backend's timeout (gloo 30 min, NCCL 10 min). This thread does not depend on the
   (STOP_FACTOR times the slowest recent interval, at least STOP_FLOOR_S) is stuck and the
   process exits, as it would after saving but without a save. Outside Slurm a second SIGINT
   or SIGTERM ends the process at once.
+
+The save of a hang (LastStep, BufferShadow, Watchdog.save_last_step) is the one place using
+private APIs, each pinned by tests/test_private_apis.py and bounded in pyproject.toml:
+`trainer._checkpoint_connector.dump_checkpoint`; the fit loop's progress trackers (LastStep
+.PROGRESS), copied as their state_dict() gives them; `torch._foreach_copy_`. It reads no
+environment: train.py passes Where (rank, node, start, Slurm or not) from slurm.py.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +59,6 @@ from lightning.pytorch.callbacks import Callback
 
 from cifar_job import checkpoints, events
 from cifar_job.rundir import HANG_CLAIM, HANG_RECORD, CheckpointStore, RunDir, write_json
-from cifar_job.slurm import local_start
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
 # requeues on the marker written with it.
@@ -82,18 +88,19 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FAULT_VAR = "CIFAR_JOB_FAULT"
 
 
-def start_id() -> str:
-    """What this start's ranks share, and earlier starts' heartbeats lack: Slurm's job and
-    restart count, or a name the first process of a local run passes on to the ranks that
-    Lightning launches (they inherit its environment)."""
-    if job := os.environ.get("SLURM_JOB_ID"):
-        return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or 0}"
-    return local_start()
+@dataclass(frozen=True)
+class Where:
+    """Where this process runs, as its launcher and Slurm say (train.py reads it through
+    slurm.py; this module reads no environment): its rank before the process group is up,
+    its node, what its start's ranks share (start_key), the start's number in the job, and
+    a fire drill's spec (FAULT_VAR)."""
 
-
-def node_name() -> str:
-    """The Slurm node this process runs on (what --exclude takes), else the host name."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    rank: int = 0
+    node: str = field(default_factory=socket.gethostname)
+    start_key: str = field(default_factory=lambda: f"{socket.gethostname()}.{os.getpid()}")
+    start_number: int = 1
+    under_slurm: bool = False
+    fault: str = ""
 
 
 class LastStep:
@@ -157,10 +164,16 @@ class Watchdog(Callback):
     """The main thread's progress, as Lightning hooks report it, and the thread that
     watches it. start() before anything slow; stop() when the run ends."""
 
-    def __init__(self, run_dir: Path, hang_timeout_s: float = 0.0, exclude_node: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        hang_timeout_s: float = 0.0,
+        exclude_node: bool = False,
+        where: Where | None = None,
+    ):
         self.run_dir, self.fixed_timeout, self.exclude_node = run_dir, hang_timeout_s, exclude_node
-        env = os.environ
-        self.rank = int(env.get("RANK") or env.get("SLURM_PROCID") or env.get("LOCAL_RANK") or 0)
+        self.where = where or Where()
+        self.rank = self.where.rank
         self.section, self.step = "setup", 0
         self.last_progress = time.monotonic()
         self.recent: dict[str, collections.deque[float]] = {
@@ -170,8 +183,8 @@ class Watchdog(Callback):
         self.poll_s = 2.0
         self._done = threading.Event()
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the thread at once
-        self.fault = parse_fault(os.environ.get(FAULT_VAR, ""))
-        self.start_key = start_id()
+        self.fault = parse_fault(self.where.fault, self.where.start_number)
+        self.start_key = self.where.start_key
         self.on_beat: Any = None  # also called every heartbeat (rank 0: the lease's refresh)
         # Called with (reason, message) before this process ends at once (rank 0: the tracker).
         self.on_exit: Any = None
@@ -332,7 +345,7 @@ class Watchdog(Callback):
                     events.record(self.run_dir, "signal", name=signal.Signals(signum).name)
                 self.stop_signals.append((now, signum))
         stops = [s for _, s in self.stop_signals if s in STOP_SIGNALS]
-        if len(stops) >= 2 and "SLURM_JOB_ID" not in os.environ:
+        if len(stops) >= 2 and not self.where.under_slurm:
             name = signal.Signals(stops[-1]).name
             self._exit(128 + stops[-1], f"a second {name}: stopping now, without a save")
 
@@ -345,7 +358,7 @@ class Watchdog(Callback):
         return {
             "start": self.start_key,
             "rank": self.rank,
-            "node": node_name(),
+            "node": self.where.node,
             "pid": os.getpid(),
             "step": self.step,
             "section": self.section,
@@ -588,8 +601,9 @@ def kill_children() -> None:
     signal_children(signal.SIGKILL)
 
 
-def parse_fault(spec: str) -> tuple[str, int, int, bool] | None:
-    """(kind, step, rank, whether this start is the one) from FAULT_VAR's value, or None."""
+def parse_fault(spec: str, this_start: int = 1) -> tuple[str, int, int, bool] | None:
+    """(kind, step, rank, whether this start, the job's `this_start`-th, is the one) from
+    FAULT_VAR's value, or None."""
     if not spec:
         return None
     parts = spec.split(":")
@@ -601,7 +615,6 @@ def parse_fault(spec: str) -> tuple[str, int, int, bool] | None:
         kind = ""
     if kind not in ("stop", "hang"):
         raise ValueError(f"{FAULT_VAR}={spec!r}: use stop:STEP[:RANK[:START]] or hang:STEP[...]")
-    this_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
     return kind, step, rank, start in (None, this_start)
 
 

@@ -56,3 +56,23 @@ def test_what_the_watchdog_saves_a_hang_with(tmp_path):
     live, shadow = [torch.ones(3), torch.ones(2)], [torch.zeros(3), torch.zeros(2)]
     torch._foreach_copy_(shadow, live)
     assert all(torch.equal(a, b) for a, b in zip(live, shadow))
+
+
+def test_the_lr_schedulers_state_keys_that_module_py_keeps_on_resume():
+    """CifarClassifier.on_load_checkpoint keeps a schedule's position from a checkpoint by
+    these keys of torch's LRScheduler.state_dict() (two of them private), and drops the rest;
+    a torch that renames one would resume the schedule from its start."""
+    import torch
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    lambdas = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    opt.step()
+    lambdas.step()
+    state = lambdas.state_dict()
+    assert {"last_epoch", "_step_count", "_last_lr", "base_lrs", "lr_lambdas"} <= set(state)
+    assert state["last_epoch"] == 1 and state["_step_count"] == 2
+    onecycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    assert "total_steps" in onecycle.state_dict()
+    step = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    assert "step_size" in step.state_dict()

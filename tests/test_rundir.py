@@ -18,6 +18,7 @@ from conftest import SMOKE, cifar_job
 from cifar_job import CifarJobError
 from cifar_job.launch import queued_elements
 from cifar_job.rundir import LEASE, LEASE_TTL_S, Lease
+from cifar_job.slurm import holder_name, job_id
 
 # A run long enough to be caught holding its directory: 20 steps of a small ResNet.
 LONG = [
@@ -53,7 +54,7 @@ def test_two_trains_on_one_run_directory_one_trains_the_other_is_refused(tmp_pat
 def test_a_lease_whose_process_is_gone_is_taken_over_and_said(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lease = Lease(tmp_path)
+    lease = Lease(tmp_path, holder_name(), job_id())
     lease.holder = f"process {dead.pid} on elsewhere"
     lease.write(since="earlier")
     stale = json.loads((tmp_path / LEASE).read_text())
@@ -77,18 +78,18 @@ def test_a_live_holder_on_another_host_is_refused_until_its_lease_goes_stale(tmp
     }
     (tmp_path / LEASE).write_text(json.dumps(other))
     with pytest.raises(CifarJobError, match="in use by Slurm job 99 .host n7"):
-        Lease(tmp_path).acquire()
+        Lease(tmp_path, holder_name(), job_id()).acquire()
     other["refreshed"] = time.time() - LEASE_TTL_S - 1
     (tmp_path / LEASE).write_text(json.dumps(other))
-    said = Lease(tmp_path).acquire()
+    said = Lease(tmp_path, holder_name(), job_id()).acquire()
     assert said is not None and "taking over from Slurm job 99 (not refreshed for" in said
 
 
 def test_the_same_slurm_job_takes_its_own_lease_back_after_a_requeue(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    first = Lease(tmp_path)
+    first = Lease(tmp_path, holder_name(), job_id())
     assert first.acquire() is None  # held, then the job was requeued without releasing it
-    assert Lease(tmp_path).acquire() is None
+    assert Lease(tmp_path, holder_name(), job_id()).acquire() is None
 
 
 def test_a_sweep_does_not_take_a_failed_squeue_for_no_job_running(tmp_path, monkeypatch):
@@ -173,7 +174,7 @@ def test_every_atomic_write_is_fsynced_before_its_rename_and_the_directory_after
     writes = {
         "json": lambda: rundir.write_json(tmp_path / "config.json", {"lr": 0.1}),
         "decision": lambda: checkpoints.write_marker(tmp_path, "requeue", step=3),
-        "lease": lambda: Lease(tmp_path).acquire(),
+        "lease": lambda: Lease(tmp_path, holder_name(), job_id()).acquire(),
         "checkpoint": lambda: checkpoints.write_checkpoint({"w": torch.ones(2)}, tmp_path / "c"),
     }
     for name, write in writes.items():
