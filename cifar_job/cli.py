@@ -441,15 +441,13 @@ def submit_grid(
     yes: bool,
 ) -> None:
     """`submit --sweep ...`: plan the grid, write RUN_DIR/sweep.json, submit what is left."""
-    from cifar_job import sweep
-    from cifar_job.launch import absolute, sbatch_text
+    from cifar_job.launch import plan_sweep, sbatch_text, submit_planned
+    from cifar_job.mlflow_client import sweep_parent
     from cifar_job.rundir import RunDir
 
     grid = sweep_grid(ctx, sweep_pairs, sweep_file)
-    plan = sweep.make_plan(absolute(cfg), grid, list(range(seeds or 0)), allow_many=yes)
-    sweep.write_plan(Path(cfg.run_dir), plan)
+    plan, indices, busy = plan_sweep(cfg, grid, list(range(seeds or 0)), allow_many=yes)
     elements = plan["elements"]
-    indices, busy = sweep.to_submit(plan)
     todo = [elements[i] for i in indices]
     if dry_run:
         click.echo(sbatch_text(cfg, slurm, todo or elements, max_parallel), nl=False)
@@ -463,8 +461,8 @@ def submit_grid(
         done = "are queued or running" if busy else "have finished"
         click.echo(f"all {len(elements)} runs {done}; nothing submitted")
         return
-    parent = tracked_sweep(cfg, plan)
-    jobs = sweep.submit(cfg, slurm, plan, indices, max_parallel)
+    parent = sweep_parent(cfg, plan)
+    jobs = submit_planned(cfg, slurm, plan, indices, max_parallel)
     array = jobs[0].job_id.split("_")[0]
     kind = "job array" if len(jobs) > 1 else "job"
     click.echo(
@@ -490,28 +488,6 @@ def submit_grid(
                 failed.append(f"{e['name']} (job {job.job_id}, {job.paths.stderr})")
         if failed:
             raise CifarJobError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
-
-
-def tracked_sweep(cfg: TrainConfig, plan: dict[str, Any]) -> str | None:
-    """With --tracker mlflow, the sweep's parent run on the server, made now (else the first
-    element to reach the server makes it); None if the server or its client is missing."""
-    import importlib.util
-
-    if cfg.tracker != "mlflow" or importlib.util.find_spec("mlflow") is None:
-        return None
-    from cifar_job.mlflow_client import client_for, describe, ensure_sweep_parent, say
-
-    try:
-        client = client_for(str(cfg.tracking_uri))
-        return ensure_sweep_parent(
-            client, str(cfg.tracking_uri), Path(cfg.run_dir), cfg.experiment, plan
-        )
-    except Exception as e:  # the server does not answer: the runs will make the parent
-        say(
-            f"{cfg.tracking_uri} does not answer ({describe(e)}); the sweep's runs will make "
-            "its parent run when it does"
-        )
-        return None
 
 
 @main.command()
@@ -618,16 +594,9 @@ def doctor(**options: Any) -> None:
 
 def sweep_status(plan: dict[str, Any], as_json: bool) -> None:
     """One line per run of a sweep: settings, state, epoch, val/acc, restarts."""
-    from cifar_job.rundir import RunDir
-    from cifar_job.status import run_status
+    from cifar_job.status import sweep_rows
 
-    rows = []
-    for e in plan["elements"]:
-        if (run := RunDir(e["run_dir"])).is_run():
-            info = run_status(run)
-        else:
-            info = {"state": "not started", "restarts": 0, "metrics": {}}
-        rows.append({"name": e["name"], "settings": e["settings"], **info})
+    rows = sweep_rows(plan)
     if as_json:
         click.echo(json.dumps(rows))
         return

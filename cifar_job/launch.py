@@ -276,3 +276,33 @@ def check_slurm() -> None:
             f"no {' or '.join(missing)} on PATH: `cifar-job submit` runs on a Slurm cluster's "
             "login node. `cifar-job submit --dry-run ...` shows the batch script anywhere."
         )
+
+
+def plan_sweep(
+    cfg: TrainConfig, grid: dict[str, list[Any]], seeds: list[int], allow_many: bool
+) -> tuple[dict[str, Any], list[int], set[int]]:
+    """`submit --sweep`: the plan of the grid, written to the sweep's directory (a different
+    sweep there is refused), the elements to submit now and those Slurm still has."""
+    from cifar_job import sweep
+
+    plan = sweep.make_plan(absolute(cfg), grid, seeds, allow_many=allow_many)
+    sweep.write_plan(Path(cfg.run_dir), plan)
+    busy = queued_elements(plan["submissions"])
+    return plan, sweep.to_submit(plan, busy), busy
+
+
+def submit_planned(
+    cfg: TrainConfig,
+    slurm: SlurmOptions,
+    plan: dict[str, Any],
+    indices: list[int],
+    max_parallel: int | None,
+) -> list[submitit.Job]:
+    """Submit these elements as one job array and record the submission in the plan, so a
+    later submit of the same sweep knows they are queued. Returns submitit's jobs."""
+    from cifar_job import sweep
+
+    jobs = submit_sweep(cfg, slurm, [plan["elements"][i] for i in indices], max_parallel)
+    plan["submissions"].append({"job": jobs[0].job_id.split("_")[0], "elements": indices})
+    sweep.write_plan(Path(cfg.run_dir), plan)
+    return jobs

@@ -1,22 +1,9 @@
-"""Where the node-hours went: each start's phases, as the run directory records them, and
-`cifar-job hours`, which splits the allocation into kept and recomputed training, saves and
-loads, start-up, evaluation, stops, queue waits, hangs and what no record explains.
-
-What a start records (rank 0, in events.jsonl: one line each, appended, fsynced, so a SIGKILL
-loses at most the line being written), with its wall-clock time:
-
-- `start`: the process's own start (from /proc, so the interpreter and imports count), the
-  allocation's start as Slurm gives it, the nodes, the step it resumes from, and the step
-  and time the previous start last reached (read from `reached.bin`, below);
-- `data` once the data is in memory, `train` when training begins, `first_step`;
-- `load` and `save`, with their durations; `eval`, with its duration, per validation or test;
-- `signal` when a stop signal arrives (the watchdog's thread sees it at once), `hang` with
-  the time without progress, `exit` and `end` as the process ends.
-
-The last step a start completed must be known exactly even after a SIGKILL, to count the
-steps the next start trains again: rank 0 writes it, with its time, into a memory-mapped
-16-byte file at every step (a store to memory, no system call). The kernel keeps the page
-when the process dies; the next start reads it before training.
+"""`cifar-job hours`: where a run's node-hours went, from what its starts recorded
+(events.py: events.jsonl and reached.bin, written by phases.py, checkpoints.py and the
+watchdog) and, where `sacct` answers, Slurm's accounting. It splits each start's allocation
+into kept and recomputed training, saves and loads, start-up, evaluation, stops, queue waits,
+hangs and what no record explains, and renders the table and the plot. It reads; the job's
+recording is events.py's.
 
 Slurm's view: where `sacct` answers, each start's allocation (start, end, nodes) and the
 queue wait before it come from Slurm's accounting; elsewhere the ledger says so and uses the
@@ -25,16 +12,14 @@ run directory's records alone.
 
 from __future__ import annotations
 
-import mmap
-import os
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cifar_job import events
-from cifar_job.rundir import EVENTS, REACHED
+from cifar_job.events import read_reached
+from cifar_job.rundir import EVENTS
 from cifar_job.slurm import sacct_allocations
 
 # Kept training first: the one useful share. Then what the allocation spent otherwise.
@@ -49,54 +34,6 @@ CATEGORIES = (
     ("hang", "hang"),
     ("unaccounted", "unaccounted"),
 )
-_COUNTER = struct.Struct("<qd")  # the last completed step and its wall-clock time
-
-
-# ----------------------------------------------------------------------------- recording
-
-
-def process_started() -> float:
-    """This process's start, wall clock (Linux's /proc; elsewhere now)."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
-
-
-class StepCounter:
-    """reached.bin: the last completed step and when, written at every step through a
-    memory map (a few hundred nanoseconds), read by the next start and by `hours`."""
-
-    def __init__(self, run_dir: Path) -> None:
-        path = run_dir / REACHED
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            os.ftruncate(fd, _COUNTER.size)
-            self.map = mmap.mmap(fd, _COUNTER.size)
-        finally:
-            os.close(fd)
-
-    def write(self, step: int) -> None:
-        _COUNTER.pack_into(self.map, 0, step, time.time())
-
-    def close(self) -> None:
-        self.map.close()
-
-
-def read_reached(run_dir: Path) -> dict[str, Any] | None:
-    """The step the newest start last completed and its time, or None."""
-    try:
-        data = (Path(run_dir) / REACHED).read_bytes()
-        step, when = _COUNTER.unpack(data[: _COUNTER.size])
-    except (OSError, struct.error):
-        return None
-    return {"step": step, "time": when} if when > 0 else None
 
 
 # ----------------------------------------------------------------------------- Slurm

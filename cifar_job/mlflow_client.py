@@ -132,3 +132,23 @@ def ensure_sweep_parent(
     finally:
         os.close(fd)
         lock.unlink(missing_ok=True)
+
+
+def sweep_parent(cfg: TrainConfig, plan: dict[str, Any]) -> str | None:
+    """With --tracker mlflow, the sweep's parent run on the server, made now (else the first
+    element to reach the server makes it); None if the server or its client is missing."""
+    import importlib.util
+
+    if cfg.tracker != "mlflow" or importlib.util.find_spec("mlflow") is None:
+        return None
+    try:
+        client = client_for(str(cfg.tracking_uri))
+        return ensure_sweep_parent(
+            client, str(cfg.tracking_uri), Path(cfg.run_dir), cfg.experiment, plan
+        )
+    except Exception as e:  # the server does not answer: the runs will make the parent
+        say(
+            f"{cfg.tracking_uri} does not answer ({describe(e)}); the sweep's runs will make "
+            "its parent run when it does"
+        )
+        return None

@@ -1,4 +1,4 @@
-"""Each start's phases, recorded as they happen for `cifar-job hours` (ledger.py): rank 0
+"""Each start's phases, recorded as they happen for `cifar-job hours` (events.py says what): rank 0
 appends a line to events.jsonl when the data is ready, training begins, the first step ends,
 an evaluation ends (with its duration) and fit ends, and writes every completed step to
 reached.bin. Saves and loads are recorded where they happen (checkpoints.py), stop signals
@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from cifar_job import events
-from cifar_job.ledger import StepCounter
+from cifar_job.events import StepCounter
 
 
 class Phases(Callback):

@@ -47,7 +47,7 @@ FILES = {
     "heartbeats": "heartbeats",  # each rank's last heartbeat (watchdog.py): rank-N.json
     "hang_record": "hang.json",  # the last hang: every rank's heartbeat, the one that stopped
     "hang_claim": "hang.claim",  # the rank that acts on a hang (one per start) created it
-    "reached": "reached.bin",  # the last completed step and its time (ledger.py)
+    "reached": "reached.bin",  # the last completed step and its time (events.py)
     "logs": "logs",  # one CSV of metrics per start: logs/version_N/metrics.csv
     "tensorboard": "tensorboard",  # --tensorboard
     "curves": "curves.png",  # cifar-job plot

@@ -74,3 +74,15 @@ def last_metrics(paths: list[Path]) -> dict[str, float]:
                 if value and (key.startswith("val/") or key.endswith("_epoch")):
                     latest[key] = float(value)
     return latest
+
+
+def sweep_rows(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each run of a sweep: its name and settings, and where it stands (run_status)."""
+    rows = []
+    for e in plan["elements"]:
+        if (run := RunDir(e["run_dir"])).is_run():
+            info = run_status(run)
+        else:
+            info = {"state": "not started", "restarts": 0, "metrics": {}}
+        rows.append({"name": e["name"], "settings": e["settings"], **info})
+    return rows

@@ -131,27 +131,10 @@ def is_finished(element: dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------------- compare
 
 
-def to_submit(plan: dict[str, Any]) -> tuple[list[int], set[int]]:
-    """The elements to submit now: neither finished nor still queued or running from an
-    earlier submission (which Slurm is asked; see launch.queued_elements). And the queued."""
-    from cifar_job.launch import queued_elements
-
-    busy = queued_elements(plan["submissions"])
-    todo = [i for i, e in enumerate(plan["elements"]) if i not in busy and not is_finished(e)]
-    return todo, busy
-
-
-def submit(
-    cfg: Any, slurm: Any, plan: dict[str, Any], indices: list[int], max_parallel: int | None
-) -> list[Any]:
-    """Submit these elements as one job array and record the submission in the plan, so a
-    later submit of the same sweep knows they are queued. Returns submitit's jobs."""
-    from cifar_job.launch import submit_sweep
-
-    jobs = submit_sweep(cfg, slurm, [plan["elements"][i] for i in indices], max_parallel)
-    plan["submissions"].append({"job": jobs[0].job_id.split("_")[0], "elements": indices})
-    write_plan(Path(cfg.run_dir), plan)
-    return jobs
+def to_submit(plan: dict[str, Any], busy: set[int]) -> list[int]:
+    """The elements to submit now: neither finished nor still queued or running (`busy`,
+    from an earlier submission: launch.queued_elements asks Slurm)."""
+    return [i for i, e in enumerate(plan["elements"]) if i not in busy and not is_finished(e)]
 
 
 def summary(run_dir: Path) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from cifar_job import (
     __version__,
     checkpoints,
     events,
-    ledger,
     tracking,
 )
 from cifar_job.config import TrainConfig, max_time_seconds, resume_clashes
@@ -152,9 +151,9 @@ def fit_and_test(
             step=resume_step,
             node=node_name(),
             nodes=trainer.num_nodes,
-            process=round(ledger.process_started(), 3),
+            process=round(events.process_started(), 3),
             allocated=allocation_started(),
-            reached=ledger.read_reached(run_dir),  # the newest earlier start's last step
+            reached=events.read_reached(run_dir),  # the newest earlier start's last step
         )
         checkpoints.clear_leftovers(run_dir)
         nodes, devices = trainer.num_nodes, trainer.num_devices
