@@ -52,22 +52,19 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 
 from cifar_job import CifarJobError, CifarJobWarning, Preempted, events
 from cifar_job.rundir import (
-    DECISION,
     HANG_CLAIM,
     HANG_RECORD,
     LAST,
     CheckpointStore,
+    clear_decision,
     write_atomic,
-    write_json,
+    write_decision,
 )
 
 # EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
 REQUEUE_EXIT = 75
 # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: saved, stopped.
 STOP_EXIT = 128 + signal.SIGTERM
-# Written before the joint save: the batch script acts on it even when srun reports another
-# status (--kill-on-bad-exit may kill a rank that was exiting after the others).
-MARKER = DECISION
 # Why a run stops. A higher code wins when ranks disagree: a SIGTERM anywhere means Slurm is
 # stopping the whole job. TIME_UP is --max-time running out (rank 0's clock); it ends the
 # start as a time limit does: saved, exit 75, rerun or requeue to continue.
@@ -275,10 +272,12 @@ ACTIONS = ("finished", "requeue", "wait", "fail")
 
 def write_marker(run_dir: Path, action: str, **details: Any) -> None:
     """Record how this start ends, for the batch script, atomically: the action, and the
-    step, the signal (or "hang"), whether the save is whole, nodes to exclude."""
+    step, the signal (or "hang"), whether the save is whole, nodes to exclude. Written
+    before a joint save (and again once it is whole): the batch script acts on it even when
+    srun reports another status (--kill-on-bad-exit may kill a rank that was exiting after
+    the others)."""
     assert action in ACTIONS, action
-    decision = {"action": action, "requeue": action == "requeue", **details}
-    write_json(run_dir / MARKER, decision, indent=None)  # one line: the job log quotes it
+    write_decision(run_dir, {"action": action, **details})
 
 
 def clear_leftovers(run_dir: Path) -> None:
@@ -286,7 +285,7 @@ def clear_leftovers(run_dir: Path) -> None:
     marker and hang record, and the temporary files of saves that a kill interrupted (40-90
     MB each). Heartbeats stay: this start's ranks are writing theirs already, and the
     watchdog tells earlier starts' apart."""
-    (run_dir / MARKER).unlink(missing_ok=True)
+    clear_decision(run_dir)
     (run_dir / HANG_RECORD).unlink(missing_ok=True)
     (run_dir / HANG_CLAIM).unlink(missing_ok=True)
     for tmp in CheckpointStore(run_dir).leftovers():

@@ -19,8 +19,14 @@
 #   preempting job now instead of idling (CANCEL and SUSPEND keep the wait).
 #
 #   a hang (a rank stopped making progress, cifar_job/watchdog.py): the ranks' watchdogs end
-#   the step with a marker that asks for a requeue (and, with --exclude-hung-node, names the
-#   node to leave out) -> `scontrol requeue` here, as at a time limit.
+#   the step with a decision that asks for a requeue (and, with --exclude-hung-node, names
+#   the node to leave out) -> `scontrol requeue` here, as at a time limit.
+#
+# Python decides (RUN_DIR/decision.env, read by cifar_job_read_decision). What stays here is
+# what only the host can know, or what no Python process is left to decide: a step that
+# ended with no decision (a rank killed before rank 0 wrote one: exit 75 still means saved),
+# and, after a SIGTERM, Slurm's own view (is it ending the job, and does the partition's
+# PreemptMode requeue it), which scontrol gives the host and not a container.
 #
 # Settings (environment): RUN_DIR, the run directory (required); MAX_REQUEUES (default 10).
 # Each requeue this script asks for is a line in RUN_DIR/requeues.log; Slurm's own requeues
@@ -51,10 +57,27 @@ cifar_job_host_dirs() {
   done
 }
 
-# cifar_job_before_step: the traps, and no marker left by an earlier start.
+# cifar_job_read_decision: the decision Python wrote for this start (RUN_DIR/decision.env,
+# KEY=value lines: cifar_job/rundir.py's decision_env), into cifar_job_action (none where
+# there is none), cifar_job_saved (1 once the save is whole) and cifar_job_exclude. The
+# file is read line by line, never sourced. RUN_DIR/decision.json says the same for people.
+cifar_job_read_decision() {
+  local key value
+  cifar_job_action=none cifar_job_saved=0 cifar_job_exclude=""
+  [ -e "${RUN_DIR}/decision.env" ] || return 0
+  while IFS='=' read -r key value; do
+    case "$key" in
+      action) cifar_job_action=$value ;;
+      saved) cifar_job_saved=$value ;;
+      exclude) cifar_job_exclude=$value ;;
+    esac
+  done <"${RUN_DIR}/decision.env"
+}
+
+# cifar_job_before_step: the traps, and no decision left by an earlier start.
 cifar_job_before_step() {
   : "${RUN_DIR:?cifar-job: set RUN_DIR to the run directory}"
-  rm -f "${RUN_DIR}/decision.json"
+  rm -f "${RUN_DIR}/decision.env" "${RUN_DIR}/decision.json"
   echo "cifar-job: job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST}"
   # Note it and go on waiting for the step: the tasks got SIGTERM too, and they are saving.
   trap 'cifar_job_stopping=1' TERM
@@ -80,32 +103,29 @@ cifar_job_slurm_is_ending_job() {
 cifar_job_after_step() {
   local rc=$1 marker="${RUN_DIR}/decision.json" kind=none
   trap - USR1
-  if [ -e "$marker" ]; then
-    case "$(sed -n 's/.*"action": *"\([a-z]*\)".*/\1/p' "$marker")" in
-      finished) return 0 ;; # whatever status a trap made `wait` report
-      fail)
-        echo "cifar-job: the run failed in a way that another start would meet again; no requeue"
-        return $((rc == 0 ? 1 : rc))
-        ;;
-      requeue) kind=requeue ;;
-      wait) kind=stop ;;
-      *) # written by an older cifar-job
-        if grep -qE '"requeue": *true' "$marker"; then kind=requeue; else kind=stop; fi ;;
-    esac
-  elif [ "$rc" -eq "$CIFAR_JOB_REQUEUE_EXIT" ]; then
-    kind=requeue
-  fi
+  cifar_job_read_decision
+  case "$cifar_job_action" in
+    finished) return 0 ;; # whatever status a trap made `wait` report
+    fail)
+      echo "cifar-job: the run failed in a way that another start would meet again; no requeue"
+      return $((rc == 0 ? 1 : rc))
+      ;;
+    requeue) kind=requeue ;;
+    wait) kind=stop ;;
+    *) # no decision: a rank died before rank 0 could write one; only its status is left
+      if [ "$rc" -eq "$CIFAR_JOB_REQUEUE_EXIT" ]; then kind=requeue; fi ;;
+  esac
   if [ "$rc" -ne 0 ] && { [ "$kind" = stop ] || [ "$cifar_job_stopping" = 1 ] ||
     cifar_job_slurm_is_ending_job; }; then
     echo "cifar-job: job ${SLURM_JOB_ID} was stopped (preemption, cancel, requeue or SIGTERM)" \
       "$(cifar_job_saved "$marker" "$kind"); waiting for Slurm to end it"
-    if cifar_job_wait_for_slurm "$marker"; then
+    if cifar_job_wait_for_slurm; then
       return "$rc" # Slurm ends the job and decides whether it runs again
     fi
     # A SIGTERM that Slurm does not follow (scancel --signal=TERM, a health checker): the
     # run saved, and waiting would leave the allocation idle.
     echo "cifar-job: Slurm is not ending job ${SLURM_JOB_ID}; requeueing it to go on"
-    cifar_job_requeue "$marker"
+    cifar_job_requeue
     return
   fi
   if [ "$kind" = none ] && { [ "$cifar_job_signalled" = 0 ] || [ "$rc" -eq 0 ]; }; then
@@ -114,14 +134,14 @@ cifar_job_after_step() {
   # Saved for a requeue (exit 75, a hang, or a rank killed while exiting after the save).
   # Signalled but died another way (e.g. before the handlers were in place): the previous
   # checkpoint is still whole, so a requeue loses only the unsaved steps.
-  cifar_job_requeue "$marker"
+  cifar_job_requeue
 }
 
 # cifar_job_saved MARKER KIND: how far the stop got, for the log.
 cifar_job_saved() {
   local text
   text=$(cat "$1" 2>/dev/null) || text="no marker"
-  if grep -qE '"saved": *true' "$1" 2>/dev/null; then
+  if [ "$cifar_job_saved" = 1 ]; then
     echo "after the run saved: ${text}"
   elif [ "$2" != none ]; then
     echo "while the run was saving (the save did not finish; the previous checkpoint stands): ${text}"
@@ -130,7 +150,7 @@ cifar_job_saved() {
   fi
 }
 
-# cifar_job_wait_for_slurm MARKER: after a SIGTERM, whether Slurm is ending the job
+# cifar_job_wait_for_slurm: after a SIGTERM, whether Slurm is ending the job
 # (preempting, cancelling or requeueing it). If so, wait for its SIGKILL, at the end of
 # GraceTime or KillWait (an hour is only a backstop), unless a preemption that Slurm would
 # answer with a requeue can be requeued now (cifar_job_requeue_preempted). Slurm marks the job
@@ -143,7 +163,7 @@ cifar_job_wait_for_slurm() {
     sleep 2
     waited=$((waited + 2))
   done
-  if cifar_job_requeue_preempted "$1"; then return 0; fi
+  if cifar_job_requeue_preempted; then return 0; fi
   for _ in $(seq 1800); do sleep 2; done
   return 0
 }
@@ -155,12 +175,12 @@ cifar_job_preempt_mode() {
     sed -n 's/.* PreemptMode=\([^ ]*\).*/\1/p'
 }
 
-# cifar_job_requeue_preempted MARKER: requeue the job now if Slurm is preempting it (it still
+# cifar_job_requeue_preempted: requeue the job now if Slurm is preempting it (it still
 # runs, with a PreemptTime: not a cancel, not an admin's requeue), its partition's PreemptMode
 # is REQUEUE (Slurm would requeue it at the end of GraceTime) and the save is whole.
 cifar_job_requeue_preempted() {
   local info mode
-  grep -qE '"saved": *true' "$1" 2>/dev/null || return 1
+  [ "$cifar_job_saved" = 1 ] || return 1
   info=$(scontrol show job -o "${SLURM_JOB_ID}" 2>/dev/null) || return 1
   case "$info" in
     *"JobState=RUNNING "*"PreemptTime=None"*) return 1 ;;
@@ -174,10 +194,10 @@ cifar_job_requeue_preempted() {
   scontrol requeue "${SLURM_JOB_ID}"
 }
 
-# cifar_job_requeue MARKER: `scontrol requeue`, at most MAX_REQUEUES times a job, away from the
-# nodes that the marker excludes (a hang with --exclude-hung-node).
+# cifar_job_requeue: `scontrol requeue`, at most MAX_REQUEUES times a job, away from the
+# nodes that the decision excludes (a hang with --exclude-hung-node).
 cifar_job_requeue() {
-  local marker=$1 requeues exclude
+  local requeues
   requeues=$(grep -c "^job ${SLURM_JOB_ID} " "${RUN_DIR}/requeues.log" 2>/dev/null) || true
   if [ "${requeues:-0}" -ge "${MAX_REQUEUES:-10}" ]; then
     echo "cifar-job: requeued ${requeues:-0} times already (MAX_REQUEUES=${MAX_REQUEUES:-10}); stopping" >&2
@@ -185,9 +205,8 @@ cifar_job_requeue() {
   fi
   echo "job ${SLURM_JOB_ID} $(date +%FT%T) restart $((${SLURM_RESTART_COUNT:-0} + 1))" >>"${RUN_DIR}/requeues.log"
   echo "cifar-job: requeueing job ${SLURM_JOB_ID} (requeue $((${requeues:-0} + 1)) of at most ${MAX_REQUEUES:-10})"
-  exclude=$(sed -n 's/.*"exclude": *"\([^"]*\)".*/\1/p' "$marker" 2>/dev/null) || true
-  if [ -n "$exclude" ]; then
-    cifar_job_requeue_excluding "$exclude"
+  if [ -n "$cifar_job_exclude" ]; then
+    cifar_job_requeue_excluding "$cifar_job_exclude"
   else
     scontrol requeue "${SLURM_JOB_ID}"
   fi

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -41,7 +42,8 @@ FILES = {
     "config": "config.json",  # the resolved config, rewritten by each start
     "manifest": "manifest.json",  # version, each start, the final metrics
     "results": "results.json",  # the final test metrics: the run has finished
-    "decision": "decision.json",  # how the last start ended, for the batch script (requeue.sh)
+    "decision": "decision.json",  # how the last start ended (the job log quotes it)
+    "decision_env": "decision.env",  # the same as KEY=value lines: what requeue.sh reads
     "requeue_log": "requeues.log",  # a line per requeue the batch script asked for (requeue.sh)
     "events": "events.jsonl",  # each start, its phases, its end, hangs: appended
     "heartbeats": "heartbeats",  # each rank's last heartbeat (watchdog.py): rank-N.json
@@ -141,6 +143,42 @@ def read_json(path: Path, what: str) -> Any:
         ) from None
 
 
+# The decision's keys that the batch script (requeue.sh) reads from decision.env, and the
+# characters their values may hold there: it reads the file line by line, never sources it.
+DECISION_KEYS = ("action", "saved", "step", "exclude")
+SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:@\[\]-]*")
+
+
+def decision_env(decision: dict[str, Any]) -> str:
+    """The decision as the batch script reads it: KEY=value lines, booleans as 1 or 0, one
+    line per key it knows (a value it could misread is refused)."""
+    lines = []
+    for key in DECISION_KEYS:
+        value = decision.get(key)
+        if value is None:
+            continue
+        text = str(int(value)) if isinstance(value, bool) else str(value)
+        if not SAFE_VALUE.fullmatch(text):
+            raise ValueError(f"decision {key}={text!r}: not a value the batch script reads")
+        lines.append(f"{key}={text}\n")
+    return "".join(lines)
+
+
+def write_decision(run_dir: Path, decision: dict[str, Any]) -> None:
+    """How this start ends, for the batch script: decision.env (what it reads), then
+    decision.json (what the job log quotes), each atomically."""
+    run = RunDir(run_dir)
+    write_atomic(run.decision_env, decision_env(decision))
+    write_json(run.decision, decision, indent=None)  # one line: the job log quotes it
+
+
+def clear_decision(run_dir: Path) -> None:
+    """Remove an earlier start's decision."""
+    run = RunDir(run_dir)
+    for path in (run.decision_env, run.decision):
+        path.unlink(missing_ok=True)
+
+
 class RunDir:
     """A run directory: the path of each of its files (an attribute per FILES entry)."""
 
@@ -148,6 +186,7 @@ class RunDir:
     manifest: Path
     results: Path
     decision: Path
+    decision_env: Path
     requeue_log: Path
     events: Path
     heartbeats: Path

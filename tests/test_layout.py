@@ -73,3 +73,34 @@ def test_the_cli_holds_no_sweep_or_tracking_logic():
     }
     assert not calls & {"make_plan", "write_plan", "ensure_sweep_parent", "client_for"}
     assert {"plan_sweep", "submit_planned", "sweep_parent", "sweep_rows"} <= calls
+
+
+def test_only_slurm_py_reads_slurm_and_nothing_reads_the_environment_at_import():
+    """Slurm's variables and commands (squeue, sacct, scontrol, sinfo) are read in slurm.py
+    alone; the watchdog, ledger, run directory, loader and status take what they need as
+    arguments. The Slurm variables the batch scripts launch.py writes set are text, not
+    reads. No module reads os.environ when it is imported."""
+    commands = {"squeue", "sacct", "scontrol", "sinfo"}
+    found = []
+    for module in sorted(Path(cifar_job.__file__).parent.glob("*.py")):
+        tree = ast.parse(module.read_text())
+        if module.name != "slurm.py":
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    if node.value.startswith(("SLURM_", "SLURMD_")):
+                        found.append(f"{module.name}:{node.lineno}: reads {node.value!r}")
+                # a command line ["squeue", ...], or shutil.which("squeue")
+                first = None
+                if isinstance(node, (ast.List, ast.Tuple)) and node.elts:
+                    first = node.elts[0]
+                elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "which":
+                    first = node.args[0] if node.args else None
+                if isinstance(first, ast.Constant) and first.value in commands:
+                    found.append(f"{module.name}:{node.lineno}: runs {first.value!r}")
+        for statement in tree.body:  # module level: what runs at import
+            if isinstance(statement, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                continue
+            source = ast.unparse(statement)
+            if "os.environ" in source or "getenv" in source:
+                found.append(f"{module.name}:{statement.lineno}: environment at import")
+    assert found == []

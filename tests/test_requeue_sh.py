@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from cifar_job.rundir import decision_env
+
 RUNNING = "JobId=7 JobState=RUNNING Reason=None PreemptTime=None ExcNodeList=(null)"
 PREEMPTED = "JobId=7 JobState=RUNNING Reason=None PreemptTime=2026-12-01T10:00:00"
 
@@ -70,9 +72,16 @@ class Job:
         return proc.returncode, out
 
     def marker(self, action: str, **decision: object) -> str:
-        """A shell line that writes the marker as Python does (checkpoints.write_marker)."""
-        text = json.dumps({"action": action, "requeue": action == "requeue", **decision})
-        return f"echo '{text}' > {self.run_dir}/decision.json"
+        """A shell line that writes the decision as Python does (checkpoints.write_marker,
+        through rundir.write_decision): decision.env, which the script reads, and
+        decision.json, which it quotes."""
+        values = {"action": action, **decision}
+        env = shlex.quote(decision_env(values))
+        text = shlex.quote(json.dumps(values))
+        return (
+            f"printf %s {env} > {self.run_dir}/decision.env; "
+            f"printf '%s\\n' {text} > {self.run_dir}/decision.json"
+        )
 
     def calls(self) -> list[str]:
         path = self.tmp / "calls"
@@ -198,3 +207,31 @@ def test_a_trap_as_the_step_ends_does_not_change_the_decision(action, status, re
         assert "scancel --signal=USR1 7" in job.calls(), out  # the trap ran
         assert job.requeued() is requeue, out
         assert rc == 0, out
+
+
+def test_the_decision_the_script_reads_is_the_one_python_writes(tmp_path):
+    """checkpoints.write_marker writes decision.env as this file's helper does, and the
+    script reads each key back, whatever the JSON's spacing; a value it could misread is
+    refused before it is written."""
+    from cifar_job import checkpoints
+    from cifar_job.rundir import write_decision
+
+    checkpoints.write_marker(tmp_path, "requeue", signal="hang", saved=False, exclude="n2", step=7)
+    written = (tmp_path / "decision.env").read_text()
+    assert written == decision_env(
+        {"action": "requeue", "signal": "hang", "saved": False, "exclude": "n2", "step": 7}
+    )
+    assert json.loads((tmp_path / "decision.json").read_text())["exclude"] == "n2"
+    read = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"set -euo pipefail; source {REPO / 'cifar_job/requeue.sh'}; RUN_DIR={tmp_path}; "
+            'cifar_job_read_decision; echo "$cifar_job_action $cifar_job_saved $cifar_job_exclude"',
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert read.stdout.split() == ["requeue", "0", "n2"], read.stderr
+    with pytest.raises(ValueError, match="not a value the batch script reads"):
+        write_decision(tmp_path, {"action": "requeue", "exclude": "n2; rm -rf /"})

