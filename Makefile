@@ -58,11 +58,9 @@ docs: install ## Serve the manual (docs/) on http://127.0.0.1:8000
 docs-build: install ## Build the manual with mkdocs --strict: a broken link, anchor or page fails
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $$(mktemp -d)
 
-docs-options: install ## Rewrite the options table in docs/options.md from TrainConfig
-	$(PY) -c 'import re, pathlib; from cifar_job.config import options_table; \
-	  p = pathlib.Path("docs/options.md"); s = p.read_text(); \
-	  p.write_text(re.sub(r"(<!-- options table:[^\n]*-->\n).*?(<!-- end of the options table -->)", \
-	  lambda m: m[1] + options_table() + m[2], s, flags=re.S))'
+docs-options: install ## Rewrite the generated tables of docs/: options (TrainConfig), stop rules (stops.RULES)
+	$(PY) -m cifar_job.config docs/options.md
+	$(PY) -m cifar_job.stops docs/stops.md
 
 test-fast: install ## Only the tests that train nothing (seconds)
 	$(PY) -m pytest -m "not slow"

@@ -44,6 +44,6 @@ class OptionError(CifarJobError, ValueError):
 class Preempted(CifarJobError):
     """The run stopped on a signal after saving; exit with `exit_code` (see checkpoints.py)."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, cause: str = "sigterm") -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.cause = exit_code, cause  # cause: a key of stops.RULES

@@ -50,7 +50,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
-from cifar_job import CifarJobError, CifarJobWarning, Preempted, events
+from cifar_job import CifarJobError, CifarJobWarning, Preempted, events, stops
 from cifar_job.rundir import (
     HANG_CLAIM,
     HANG_RECORD,
@@ -61,10 +61,8 @@ from cifar_job.rundir import (
     write_decision,
 )
 
-# EX_TEMPFAIL, "temporary failure, retry": saved after USR1/USR2, requeue me.
-REQUEUE_EXIT = 75
-# 128 + SIGTERM, what a shell reports for a process that SIGTERM ended: saved, stopped.
-STOP_EXIT = 128 + signal.SIGTERM
+# The exit statuses, and what follows each way a start ends, are stops.py's table.
+REQUEUE_EXIT, STOP_EXIT = stops.REQUEUE_EXIT, stops.STOP_EXIT
 # Why a run stops. A higher code wins when ranks disagree: a SIGTERM anywhere means Slurm is
 # stopping the whole job. TIME_UP is --max-time running out (rank 0's clock); it ends the
 # start as a time limit does: saved, exit 75, rerun or requeue to continue.
@@ -313,8 +311,8 @@ def check_progress(run_dir: Path, job: str | None, resume_step: int | None, budg
     for start in reversed(starts):
         if start.get("job") != job or later > (start.get("step") or 0):
             break  # another job's, or it made a checkpoint
-        if any(e.get("reason") == "stopped" for e in start["ends"]):
-            continue
+        if any(not stops.decide(e["cause"]).counts for e in start["ends"] if e.get("cause")):
+            continue  # a stop that Slurm announced: nobody's failure
         stalled.append(start)
     if len(stalled) < budget:
         return
@@ -494,9 +492,15 @@ class CheckpointPolicy(Checkpoint):
         name = signal.Signals(sig).name if sig is not None else "a signal on another rank"
         if code == TIME_UP:
             name = "--max-time reached"
-        requeue = code in (TIME_UP, REQUEUE)
-        action = "requeue" if requeue else "wait"
-        marker = {"action": action, "step": trainer.global_step, "signal": name, "saved": False}
+        cause = stops.cause_of_stop(requeue=code == REQUEUE, time_up=code == TIME_UP)
+        rule = stops.decide(cause)
+        requeue = rule.action == "requeue"
+        marker = {
+            "action": rule.action,
+            "step": trainer.global_step,
+            "signal": name,
+            "saved": False,
+        }
         if trainer.is_global_zero:  # before the save, whose barrier holds the other ranks
             write_marker(self.run_dir, **marker)
         if save:
@@ -507,7 +511,4 @@ class CheckpointPolicy(Checkpoint):
         then = "requeue or rerun" if requeue else "rerun (or let Slurm requeue)"
         # An exception, not trainer.should_stop: stopping would still run the epoch-end
         # validation and checkpoints, and those would overwrite this mid-epoch last.ckpt.
-        raise Preempted(
-            f"{name}: {what}; {then} the same command to resume",
-            REQUEUE_EXIT if requeue else STOP_EXIT,
-        )
+        raise Preempted(f"{name}: {what}; {then} the same command to resume", rule.exit_code, cause)

@@ -297,8 +297,26 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m cifar_job.config: the options table, for docs/options.md
-    print(options_table(), end="")
+def rewrite_table(page: str | Path, name: str, table: str) -> None:
+    """Put `table` into the Markdown page between its generated-table comments."""
+    import re
+
+    path = Path(page)
+    text = path.read_text()
+    pattern = rf"(<!-- {name} table:[^\n]*-->\n).*?(<!-- end of the {name} table -->)"
+    new, found = re.subn(pattern, lambda m: m[1] + table + m[2], text, flags=re.S)
+    if not found:
+        raise SystemExit(f"{path} has no generated {name} table")
+    path.write_text(new)
+
+
+if __name__ == "__main__":  # python -m cifar_job.config [PAGE]: print, or rewrite PAGE's table
+    import sys
+
+    if len(sys.argv) > 1:
+        rewrite_table(sys.argv[1], "options", options_table())
+    else:
+        print(options_table(), end="")
 
 
 def parse_devices(devices: str) -> int | str | list[int]:

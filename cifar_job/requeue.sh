@@ -32,7 +32,7 @@
 # Each requeue this script asks for is a line in RUN_DIR/requeues.log; Slurm's own requeues
 # (preemption) do not use up MAX_REQUEUES.
 
-CIFAR_JOB_REQUEUE_EXIT=75 # checkpoints.REQUEUE_EXIT
+CIFAR_JOB_REQUEUE_EXIT=75 # stops.REQUEUE_EXIT
 cifar_job_signalled=0     # USR1 reached this script
 cifar_job_stopping=0      # SIGTERM reached this script: Slurm is ending the job
 

@@ -21,6 +21,7 @@ from cifar_job import (
     __version__,
     checkpoints,
     events,
+    stops,
     tracking,
 )
 from cifar_job.config import TrainConfig, max_time_seconds, resume_clashes
@@ -105,17 +106,17 @@ def train_and_record(
     except Preempted as e:  # fit saved, and wrote the marker
         # Every rank: that each one stopped as agreed is the job's own record, not srun's.
         events.record(run_dir, "exit", rank=rank_zero_only.rank, code=e.exit_code)
-        record_end(run_dir, "stopped", str(e), tracker=tracker)
+        record_end(run_dir, "stopped", e.cause, str(e), tracker=tracker)
         raise
     except Exception as e:
         message = f"{type(e).__name__}: {e}".splitlines()[0]
-        record_end(run_dir, "error", message, fails(e), tracker=tracker)
+        record_end(run_dir, "error", stops.cause_of_error(e), message, tracker=tracker)
         raise
     finally:
         watchdog.stop()
         end_process_group()
     artifacts = final_artifacts(run_dir, cfg, results) if results is not None else []
-    record_end(run_dir, "finished", action="finished", tracker=tracker, artifacts=artifacts)
+    record_end(run_dir, "finished", "finished", tracker=tracker, artifacts=artifacts)
     return results
 
 
@@ -244,18 +245,19 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
 def record_end(
     run_dir: Path,
     reason: str,
+    cause: str,
     message: str | None = None,
-    action: str | None = None,
     tracker: tracking.MlflowTracker | None = None,
     artifacts: list[Path] | None = None,
 ) -> None:
-    """Note how this start ended (rank 0): in the event log, for the next start's budget,
-    with an action in the marker that the batch script carries out, and on the tracking
-    server."""
+    """Note how this start ended (rank 0), and why (`cause`, a row of stops.RULES): in the
+    event log, for the next start's budget; in the decision that the batch script carries
+    out (a stop's own is the save's, written as it saved); and on the tracking server."""
     if rank_zero_only.rank != 0:
         return
-    events.record(run_dir, "end", job=job_id(), reason=reason, message=message)
-    if action is not None:
+    events.record(run_dir, "end", job=job_id(), reason=reason, cause=cause, message=message)
+    if reason != "stopped":
+        action = stops.decide(cause).action
         checkpoints.write_marker(run_dir, action, reason=reason, message=message)
     if tracker is not None:
         # A stopped job's nodes are wanted back (its save is whole): what the server has
@@ -294,15 +296,6 @@ def final_artifacts(run_dir: Path, cfg: TrainConfig, results: dict[str, Any]) ->
     if cfg.log_model and results.get("best_checkpoint"):
         paths.append(Path(results["best_checkpoint"]))
     return paths
-
-
-def fails(error: Exception) -> str:
-    """What the batch script does after this error: requeue where a peer or the network
-    failed (another start may well not meet it), fail for anything else, which would."""
-    distributed = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
-    if type(error).__name__ in distributed:
-        return "requeue"
-    return "fail"
 
 
 def _manifest(run_dir: Path) -> dict[str, Any]:

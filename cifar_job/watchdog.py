@@ -57,12 +57,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from cifar_job import checkpoints, events
+from cifar_job import checkpoints, events, stops
 from cifar_job.rundir import HANG_CLAIM, HANG_RECORD, CheckpointStore, RunDir, write_json
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
 # requeues on the marker written with it.
-HANG_EXIT = 124
+HANG_EXIT = stops.HANG_EXIT
 # A rank is hung after this many times its slowest recent interval without progress.
 HANG_FACTOR = 10
 # How long the save of a hang may take before the process ends without it (a hung device or
@@ -429,7 +429,7 @@ class Watchdog(Callback):
         try:
             checkpoints.write_marker(
                 self.run_dir,
-                "requeue",
+                stops.decide("hang").action,
                 step=self.step if saved is None else saved,
                 signal="hang",
                 saved=saved is not None,
@@ -534,12 +534,12 @@ class Watchdog(Callback):
         save (the batch script then requeues or leaves it to Slurm), without one."""
         sig = checkpoints.pending_signal() or self.stop_signals[-1][1]
         requeue = checkpoints.SIGNALS.get(signal.Signals(sig), checkpoints.STOP)
-        requeue_it = requeue == checkpoints.REQUEUE
+        rule = stops.decide(stops.cause_of_stop(requeue == checkpoints.REQUEUE, stuck=True))
         try:
             if self.rank == 0:
                 checkpoints.write_marker(
                     self.run_dir,
-                    "requeue" if requeue_it else "wait",
+                    rule.action,
                     step=self.step,
                     signal=signal.Signals(sig).name,
                     saved=False,
@@ -547,7 +547,7 @@ class Watchdog(Callback):
         except OSError:
             pass
         self._exit(
-            checkpoints.REQUEUE_EXIT if requeue_it else checkpoints.STOP_EXIT,
+            rule.exit_code,
             f"{signal.Signals(sig).name}: rank {self.rank} made no progress for {idle:.0f} s "
             f"after the signal (stuck, e.g. in a collective); exiting without a save, the "
             "newest checkpoint stands",

@@ -16,18 +16,23 @@ from click.testing import CliRunner
 
 from cifar_job.cli import main
 from cifar_job.config import options_table
+from cifar_job.stops import rules_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MKDOCS = Path(sys.executable).with_name("mkdocs")
 
 
-def test_options_table_is_the_one_trainconfig_generates() -> None:
-    text = (ROOT / "docs" / "options.md").read_text()
-    table = re.search(
-        r"<!-- options table:[^\n]*-->\n(.*?)<!-- end of the options table -->", text, re.S
-    )
-    assert table is not None, "docs/options.md lost its generated options table"
-    assert table[1] == options_table(), "docs/options.md is stale: run `make docs-options`"
+@pytest.mark.parametrize(
+    ("page", "name", "table"),
+    [("options", "options", options_table), ("stops", "rules", rules_table)],
+)
+def test_generated_tables_are_current(page, name, table) -> None:
+    """The options table (from TrainConfig) and the stop rules (from stops.RULES)."""
+    text = (ROOT / "docs" / f"{page}.md").read_text()
+    pattern = rf"<!-- {name} table:[^\n]*-->\n(.*?)<!-- end of the {name} table -->"
+    found = re.search(pattern, text, re.S)
+    assert found is not None, f"docs/{page}.md lost its generated {name} table"
+    assert found[1] == table(), f"docs/{page}.md is stale: run `make docs-options`"
 
 
 def test_every_option_of_train_help_is_in_the_options_table() -> None:

@@ -158,11 +158,13 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
 def test_batch_script_and_training_agree_on_the_requeue_status():
     """requeue.sh requeues on the status the ranks exit with after USR1/USR2 (and reads the
     marker they write): the shell and Python halves of one protocol must not drift apart."""
-    from cifar_job import checkpoints
+    from cifar_job import stops
+    from cifar_job.rundir import FILES
 
     shell = REQUEUE_SCRIPT.read_text()
-    assert f"CIFAR_JOB_REQUEUE_EXIT={checkpoints.REQUEUE_EXIT} " in shell
-    assert f'"${{RUN_DIR}}/{checkpoints.MARKER}"' in shell
+    assert f"CIFAR_JOB_REQUEUE_EXIT={stops.REQUEUE_EXIT} " in shell
+    for name in (FILES["decision_env"], FILES["decision"], FILES["requeue_log"]):
+        assert f'"${{RUN_DIR}}/{name}"' in shell, name  # the names rundir.py gives them
     assert (Path(__file__).parent.parent / "slurm" / "requeue.sh").resolve() == REQUEUE_SCRIPT
 
 

@@ -156,7 +156,7 @@ def test_the_budget_counts_one_jobs_starts_that_made_no_checkpoint(tmp_path):
             events.record(tmp_path, **end)
 
     hang = {"event": "hang", "stopped": "rank 1 on n2, after step 7"}
-    preempted = {"event": "end", "reason": "stopped"}
+    preempted = {"event": "end", "reason": "stopped", "cause": "sigterm"}
     start("8", None, hang)  # another job's: a resubmission counts anew
     start("9", 5, hang)  # it hung, but saved step 7 first: a start that made progress
     start("9", 7, hang)
