@@ -294,9 +294,10 @@ def check_progress(run_dir: Path, job: str | None, resume_step: int | None, budg
     """Stop, with one message that names the repeated failure, when the last `budget` starts
     of this Slurm job each ended without a new checkpoint.
 
-    A stop that Slurm announced (preemption, a time limit) is nobody's failure and neither
-    counts nor breaks the run of failures. A new job (a resubmission, a rerun by hand) starts
-    a new count.
+    What counts is stops.RULES's: a SIGTERM (preemption, scancel) is Slurm's call and
+    neither counts nor breaks the run of failures; anything else that saved nothing new
+    counts, a time-limit stop too. A new job (a resubmission, a rerun by hand) starts a new
+    count. This is the only restart budget.
     """
     if job is None or budget <= 0:
         return
@@ -312,7 +313,7 @@ def check_progress(run_dir: Path, job: str | None, resume_step: int | None, budg
         if start.get("job") != job or later > (start.get("step") or 0):
             break  # another job's, or it made a checkpoint
         if any(not stops.decide(e["cause"]).counts for e in start["ends"] if e.get("cause")):
-            continue  # a stop that Slurm announced: nobody's failure
+            continue  # Slurm's own stop: nobody's failure
         stalled.append(start)
     if len(stalled) < budget:
         return

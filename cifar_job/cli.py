@@ -352,7 +352,7 @@ def submit(ctx: click.Context, **values: Any) -> None:
     """Submit `cifar-job train` to Slurm through submitit, from a login node.
 
     Train options pass through. Tasks, nodes and devices agree by construction. The job
-    saves and requeues itself at its time limit (up to --max-requeues times), saves and lets
+    saves and requeues itself at its time limit, saves and lets
     Slurm decide on preemption, scancel or an admin's requeue, saves every
     --checkpoint-every minutes, and resumes in the same --run-dir. Follow it with
     `cifar-job status`.

@@ -59,12 +59,6 @@ class SlurmOptions:
         "Run the tasks in this image through pyxis/enroot: a squashfs file, dockerd://IMAGE or "
         "REGISTRY#IMAGE. The current, data and run directories are mounted at their paths.",
     )
-    max_requeues: int = _slurm(
-        10,
-        "Requeues at the time limit before giving up (Slurm's own requeues on preemption "
-        "do not count).",
-        0,
-    )
     job_name: str = _slurm("cifar-job", "Slurm job name.")
     # 90 s before the limit: Slurm may signal up to 60 s early; saving takes seconds.
     signal_delay_s: int = _slurm(90, "Seconds before the time limit at which to save.", 10)
@@ -121,12 +115,11 @@ def batch_lines(slurm: SlurmOptions, run_dirs: list[str]) -> tuple[list[str], li
     """The batch script's lines before and after submitit's srun: requeue.sh's protocol, for
     one run, or for the element of a job array that this array task runs."""
     if len(run_dirs) == 1:
-        where = [f"export RUN_DIR={shlex.quote(run_dirs[0])} MAX_REQUEUES={slurm.max_requeues}"]
+        where = [f"export RUN_DIR={shlex.quote(run_dirs[0])}"]
     else:  # submitit numbers the array's tasks in the order the runs were submitted
         where = [
             f"RUN_DIRS=({' '.join(shlex.quote(d) for d in run_dirs)})",
-            'export RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}" '
-            f"MAX_REQUEUES={slurm.max_requeues}",
+            'export RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"',
         ]
     if slurm.container_image:  # the tasks check that they run in it (trainer.check_container)
         where.append(f"export CIFAR_JOB_CONTAINER={shlex.quote(slurm.container_image)}")

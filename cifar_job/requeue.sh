@@ -6,7 +6,7 @@
 #
 #   time limit: Slurm's --signal (USR1 to this script from the templates, USR2 to the tasks
 #   from submit) -> the ranks save last.ckpt at the same step and exit 75 -> `scontrol
-#   requeue` here, at most MAX_REQUEUES times a job -> the job restarts and resumes.
+#   requeue` here -> the job restarts and resumes.
 #
 #   preemption, scancel, scontrol requeue, a node going down: SIGTERM to the tasks -> the
 #   ranks save and exit 143 -> this script waits until Slurm ends the job, so that Slurm's
@@ -28,9 +28,10 @@
 # and, after a SIGTERM, Slurm's own view (is it ending the job, and does the partition's
 # PreemptMode requeue it), which scontrol gives the host and not a container.
 #
-# Settings (environment): RUN_DIR, the run directory (required); MAX_REQUEUES (default 10).
-# Each requeue this script asks for is a line in RUN_DIR/requeues.log; Slurm's own requeues
-# (preemption) do not use up MAX_REQUEUES.
+# Settings (environment): RUN_DIR, the run directory (required). Each requeue this script
+# asks for is a line in RUN_DIR/requeues.log. There is one restart budget, Python's
+# --max-stalled-starts (stops.py, checkpoints.check_progress): a start that made no new
+# checkpoint counts, whatever ended it but a SIGTERM; a start that made one does not.
 
 CIFAR_JOB_REQUEUE_EXIT=75 # stops.REQUEUE_EXIT
 cifar_job_signalled=0     # USR1 reached this script
@@ -194,17 +195,12 @@ cifar_job_requeue_preempted() {
   scontrol requeue "${SLURM_JOB_ID}"
 }
 
-# cifar_job_requeue: `scontrol requeue`, at most MAX_REQUEUES times a job, away from the
-# nodes that the decision excludes (a hang with --exclude-hung-node).
+# cifar_job_requeue: `scontrol requeue`, away from the nodes that the decision excludes (a
+# hang with --exclude-hung-node). The next start stops the job itself once too many starts
+# in a row made no new checkpoint (--max-stalled-starts).
 cifar_job_requeue() {
-  local requeues
-  requeues=$(grep -c "^job ${SLURM_JOB_ID} " "${RUN_DIR}/requeues.log" 2>/dev/null) || true
-  if [ "${requeues:-0}" -ge "${MAX_REQUEUES:-10}" ]; then
-    echo "cifar-job: requeued ${requeues:-0} times already (MAX_REQUEUES=${MAX_REQUEUES:-10}); stopping" >&2
-    return 1
-  fi
   echo "job ${SLURM_JOB_ID} $(date +%FT%T) restart $((${SLURM_RESTART_COUNT:-0} + 1))" >>"${RUN_DIR}/requeues.log"
-  echo "cifar-job: requeueing job ${SLURM_JOB_ID} (requeue $((${requeues:-0} + 1)) of at most ${MAX_REQUEUES:-10})"
+  echo "cifar-job: requeueing job ${SLURM_JOB_ID} (restart $((${SLURM_RESTART_COUNT:-0} + 1)))"
   if [ -n "$cifar_job_exclude" ]; then
     cifar_job_requeue_excluding "$cifar_job_exclude"
   else

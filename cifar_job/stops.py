@@ -3,7 +3,10 @@
 Each row is a cause, what ended the start, and what follows from it: the action the batch
 script carries out (rundir.write_decision: finished, requeue, wait for Slurm, or fail), the
 start's exit status, and whether a start that ends so without a new checkpoint counts
-toward the progress budget (--max-stalled-starts, checkpoints.check_progress). Whether the
+toward the progress budget (--max-stalled-starts, checkpoints.check_progress). That is the
+one restart budget: a time-limit start counts too where it saved nothing new (a time limit
+shorter than start-up and a step would requeue for ever); a SIGTERM never does, since
+Slurm, not the script, decides whether the job runs again. Whether the
 save is whole travels with the decision (`saved`); where it is not, the newest checkpoint
 stands, whatever the row.
 
@@ -45,14 +48,14 @@ RULES: dict[str, Rule] = {
     "time-limit": Rule(
         "requeue",
         REQUEUE_EXIT,
-        False,
+        True,
         "USR1 or USR2, Slurm's --signal before the time limit: the ranks saved together; the "
         "script requeues the job",
     ),
     "max-time": Rule(
         "requeue",
         REQUEUE_EXIT,
-        False,
+        True,
         "--max-time ran out for this start: saved, as at a time limit",
     ),
     "sigterm": Rule(

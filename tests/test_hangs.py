@@ -107,8 +107,7 @@ def test_a_rank_stopped_on_a_two_node_job_is_found_and_the_job_loses_no_step(
 def test_a_job_that_hangs_on_every_start_stops_after_its_budget(tmp_path):
     """The same hang on every start, in step 4: the first start saves step 3 as it ends, the
     second resumes there and hangs again with nothing new to save. With
-    --max-stalled-starts 1 the third start stops with one message, long before
-    MAX_REQUEUES (10)."""
+    --max-stalled-starts 1, the one restart budget, the third start stops with one message."""
     run_dir = tmp_path / "run"
     args = [*SHORT, "--checkpoint-every", "0", "--hang-timeout", "10", "--max-stalled-starts", "1"]
     env = {"RUN_DIR": str(run_dir), "CIFAR_JOB_FAULT": "stop:3:1"}

@@ -107,7 +107,7 @@ def test_exit_75_with_the_marker_requeues_once(tmp_path):
     job = Job(tmp_path)
     rc, out = job.run(f"{job.marker('requeue', step=12, signal='SIGUSR1', saved=True)}; exit 75")
     assert rc == 0 and job.requeued(), out
-    assert "requeueing job 7 (requeue 1 of at most 10)" in out
+    assert "requeueing job 7 (restart 1)" in out
     assert len((job.run_dir / "requeues.log").read_text().splitlines()) == 1
 
 

@@ -64,28 +64,6 @@ def test_sbatch_job_preempted_mid_epoch_resumes_at_the_same_step(cluster, tmp_pa
     assert_no_rank_left(run_dir)
 
 
-def test_sbatch_requeue_budget_stops_the_job(cluster, tmp_path):
-    run_dir = tmp_path / "run"
-    job = sbatch(
-        "--ntasks-per-node=1",
-        "--gpus-per-node=1",
-        "--cpus-per-task=1",
-        str(REPO / "slurm/ddp_4gpu.sh"),
-        *TRAIN,
-        "--max-epochs",
-        "2",
-        cwd=tmp_path,
-        RUN_DIR=str(run_dir),
-        MAX_REQUEUES="0",
-    )
-    log_path = tmp_path / f"slurm-cifar-job-{job}.out"
-    wait_for_text(log_path.name, tmp_path, "step 5/")
-    subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True)
-    assert wait_done(job) == "FAILED"
-    assert "requeued 0 times already (MAX_REQUEUES=0); stopping" in log_path.read_text()
-    assert 5 <= ckpt_step(run_dir) < STEPS_PER_EPOCH  # the work done so far is saved
-
-
 def test_submit_two_nodes_waits_for_a_job_stopped_at_its_time_limit_and_returns_the_result(
     cluster, tmp_path
 ):
