@@ -52,10 +52,9 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 
 from cifar_job import CifarJobError, CifarJobWarning, Preempted, events, stops
 from cifar_job.rundir import (
-    HANG_CLAIM,
-    HANG_RECORD,
     LAST,
     CheckpointStore,
+    RunDir,
     clear_decision,
     write_atomic,
     write_decision,
@@ -203,7 +202,7 @@ def rebase(checkpoint: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def find_resume_checkpoint(
-    run_dir: Path, verify: bool = True
+    run_dir: RunDir | Path, verify: bool = True
 ) -> tuple[str | None, int | None, dict[str, Any] | None]:
     """The checkpoint in run_dir to resume from, its step and its settings (the config it
     was trained with), or Nones if there is none.
@@ -217,6 +216,7 @@ def find_resume_checkpoint(
     verify=False (every rank but 0) only says whether there is one: rank 0's choice is the
     one every rank loads (CheckpointPolicy.setup), so the others read no checkpoint here.
     """
+    run_dir = Path(run_dir)
     store = CheckpointStore(run_dir)
     candidates = store.candidates()
     others = sorted(p for p in run_dir.glob("*.ckpt") if not p.is_symlink() and p not in candidates)
@@ -284,8 +284,9 @@ def clear_leftovers(run_dir: Path) -> None:
     MB each). Heartbeats stay: this start's ranks are writing theirs already, and the
     watchdog tells earlier starts' apart."""
     clear_decision(run_dir)
-    (run_dir / HANG_RECORD).unlink(missing_ok=True)
-    (run_dir / HANG_CLAIM).unlink(missing_ok=True)
+    run = RunDir(run_dir)
+    run.hang_record.unlink(missing_ok=True)
+    run.hang_claim.unlink(missing_ok=True)
     for tmp in CheckpointStore(run_dir).leftovers():
         tmp.unlink(missing_ok=True)
 
@@ -355,13 +356,13 @@ class CheckpointPolicy(Checkpoint):
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: RunDir | Path,
         every_minutes: float,
         resume_from: str | None,
         max_time_s: float | None = None,
         keep: int = 2,
     ) -> None:
-        self.run_dir, self.resume_from = run_dir, resume_from
+        self.run_dir, self.resume_from = Path(run_dir), resume_from
         self.store = CheckpointStore(run_dir, keep)
         self.saved_step: int | None = None  # the step of this start's newest save
         self.every_s = every_minutes * 60

@@ -26,6 +26,7 @@ from cifar_job import (
 )
 from cifar_job.config import TrainConfig, dashed, load_config_file
 from cifar_job.launch import SlurmOptions
+from cifar_job.rundir import RunDir
 
 ENV_DEFAULTS = {
     "data_dir": "CIFAR_JOB_DATA_DIR",
@@ -186,8 +187,6 @@ def train(print_config: bool, **values: Any) -> None:
         f"test/loss {results['test/loss']:.4f}"
     )
     if not cfg.fast_dev_run:
-        from cifar_job.rundir import RunDir
-
         results_file = RunDir(cfg.run_dir).results
         click.echo(f"results: {results_file}  checkpoint: {results['best_checkpoint']}")
 
@@ -280,7 +279,6 @@ def download(data_dir: str, url: str | None, md5: str | None, quiet: bool) -> No
 def plot(run_dir: str, out: str | None) -> None:
     """Plot a run's learning curves and test confusion matrix to a PNG."""
     from cifar_job.plot import plot_run
-    from cifar_job.rundir import RunDir
 
     click.echo(f"wrote {plot_run(RunDir.existing(run_dir, sweep_ok=False), out)}")
 
@@ -443,7 +441,6 @@ def submit_grid(
     """`submit --sweep ...`: plan the grid, write RUN_DIR/sweep.json, submit what is left."""
     from cifar_job.launch import plan_sweep, sbatch_text, submit_planned
     from cifar_job.mlflow_client import sweep_parent
-    from cifar_job.rundir import RunDir
 
     grid = sweep_grid(ctx, sweep_pairs, sweep_file)
     plan, indices, busy = plan_sweep(cfg, grid, list(range(seeds or 0)), allow_many=yes)
@@ -496,7 +493,6 @@ def submit_grid(
 def status(run_dir: str, as_json: bool) -> None:
     """Show where a run stands: state, step, restarts and the last metrics. For a sweep's
     directory, one line per run."""
-    from cifar_job.rundir import RunDir
     from cifar_job.status import run_status
     from cifar_job.sweep import read_plan
 
@@ -542,7 +538,6 @@ def hours(run_dir: str, as_json: bool, plot_to: str | None, no_sacct: bool) -> N
     the total). For a sweep's directory, per run. Queue waits, and each start's allocation,
     come from Slurm's accounting (sacct) where it answers."""
     from cifar_job import ledger
-    from cifar_job.rundir import RunDir
     from cifar_job.sweep import read_plan
 
     RunDir.existing(run_dir)  # a directory that is not a run is no ledger of zeros
@@ -649,7 +644,6 @@ def compare(
     From the MLflow server: cifar-job compare --tracking-uri URI --mlflow-run PARENT_ID
     (a sweep's parent run id is in RUN_DIR/tracking.json)."""
     from cifar_job.plot import plot_curves
-    from cifar_job.rundir import RunDir
     from cifar_job.sweep import compare as compare_runs
     from cifar_job.sweep import compare_on_server
 

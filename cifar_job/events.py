@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar_job.rundir import EVENTS, REACHED
+from cifar_job.rundir import RunDir
 
 _COUNTER = struct.Struct("<qd")  # the last completed step and its wall-clock time
 
@@ -38,7 +38,7 @@ def record(run_dir: Path, event: str, **fields: Any) -> None:
     """Append one event; never raises for a filesystem that cannot take it."""
     line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n"
     try:
-        with open(run_dir / EVENTS, "a") as f:
+        with open(RunDir(run_dir).events, "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -50,7 +50,7 @@ def read(run_dir: Path, damaged: list[int] | None = None) -> list[dict[str, Any]
     """Every whole event, oldest first; the numbers of the lines that are not one (a line
     a kill cut short, or damage) go into `damaged`."""
     try:
-        lines = (run_dir / EVENTS).read_text(errors="replace").splitlines()
+        lines = RunDir(run_dir).events.read_text(errors="replace").splitlines()
     except OSError:
         return []
     events = []
@@ -88,7 +88,7 @@ class StepCounter:
     memory map (a few hundred nanoseconds), read by the next start and by `hours`."""
 
     def __init__(self, run_dir: Path) -> None:
-        path = run_dir / REACHED
+        path = RunDir(run_dir).reached
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, _COUNTER.size)
@@ -106,7 +106,7 @@ class StepCounter:
 def read_reached(run_dir: Path) -> dict[str, Any] | None:
     """The step the newest start last completed and its time, or None."""
     try:
-        data = (Path(run_dir) / REACHED).read_bytes()
+        data = RunDir(run_dir).reached.read_bytes()
         step, when = _COUNTER.unpack(data[: _COUNTER.size])
     except (OSError, struct.error):
         return None

@@ -19,7 +19,7 @@ from typing import Any
 
 from cifar_job import events
 from cifar_job.events import read_reached
-from cifar_job.rundir import EVENTS
+from cifar_job.rundir import RunDir
 from cifar_job.slurm import sacct_allocations
 
 # Kept training first: the one useful share. Then what the allocation spent otherwise.
@@ -172,7 +172,7 @@ def hours(run_dir: str | Path, use_sacct: bool = True) -> dict[str, Any]:
         "node_seconds": {k: round(v, 3) for k, v in total.items()},
         "node_seconds_total": round(whole, 3),
         "goodput": round(total["kept"] / whole, 4) if whole > 0 else None,
-        "damaged": [f"{run_dir / EVENTS}: line {n} is not a whole record" for n in damaged],
+        "damaged": [f"{RunDir(run_dir).events}: line {n} is not a whole record" for n in damaged],
     }
 
 
@@ -276,7 +276,7 @@ def _first(records: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
 
 def sweep_hours(run_dirs: list[Path], use_sacct: bool = True) -> dict[str, Any]:
     """Every run's ledger and the sweep's totals."""
-    runs = [hours(d, use_sacct) for d in run_dirs if (Path(d) / EVENTS).exists()]
+    runs = [hours(d, use_sacct) for d in run_dirs if RunDir(d).events.exists()]
     total = {k: round(sum(r["node_seconds"][k] for r in runs), 3) for k, _ in CATEGORIES}
     whole = sum(total.values())
     return {

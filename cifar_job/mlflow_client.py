@@ -15,7 +15,7 @@ from typing import Any
 
 from cifar_job import OptionError
 from cifar_job.config import TrainConfig
-from cifar_job.rundir import TRACKING, read_json, write_json
+from cifar_job.rundir import RunDir, read_json, write_json
 
 # The MLflow client retries a request for minutes by default; here a request that fails is
 # tried again by the sender, with training going on. A user's own settings win.
@@ -86,7 +86,7 @@ def ensure_sweep_parent(
 ) -> str:
     """The sweep's parent run id, created once: by `submit`, else by the first element that
     reaches the server (an exclusive lock file keeps two from creating one each)."""
-    path = sweep_dir / TRACKING
+    path = RunDir(sweep_dir).tracking
 
     def known() -> str | None:  # the parent that tracking.json names on this server
         state = read_state(path)
@@ -94,7 +94,7 @@ def ensure_sweep_parent(
 
     if parent := known():
         return parent
-    lock = sweep_dir / (TRACKING + ".lock")
+    lock = path.with_name(path.name + ".lock")
     deadline = time.monotonic() + 30
     while True:
         try:

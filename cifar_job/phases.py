@@ -15,13 +15,14 @@ from lightning.pytorch.callbacks import Callback
 
 from cifar_job import events
 from cifar_job.events import StepCounter
+from cifar_job.rundir import RunDir
 
 
 class Phases(Callback):
     """Rank 0's record of where a start's time goes. Per step: one store to memory."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, run_dir: RunDir | Path) -> None:
+        self.run_dir = Path(run_dir)
         self.on = False
         self.counter: StepCounter | None = None
         self.first_step = True

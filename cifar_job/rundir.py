@@ -60,13 +60,6 @@ FILES = {
     "submitit": "submitit",  # cifar-job submit: submitit's scripts and the jobs' logs
     "lease": "lease.json",  # who writes the run directory now
 }
-CONFIG, MANIFEST, RESULTS, DECISION = (
-    FILES[k] for k in ("config", "manifest", "results", "decision")
-)
-EVENTS, HEARTBEATS, HANG_RECORD = FILES["events"], FILES["heartbeats"], FILES["hang_record"]
-HANG_CLAIM, REACHED, LOGS, CURVES = (FILES[k] for k in ("hang_claim", "reached", "logs", "curves"))
-TRACKING, TRACKING_SPOOL, LEASE = FILES["tracking"], FILES["tracking_spool"], FILES["lease"]
-SWEEP_PLAN, TENSORBOARD = FILES["sweep_plan"], FILES["tensorboard"]
 BEST = "best-epoch{epoch:03d}"  # ModelCheckpoint's name for the best epoch's checkpoint
 # The holder refreshes every LEASE_REFRESH_S; a lease this old has no live holder (8 missed
 # refreshes: a slow shared filesystem is no reason to take over a running job, and a killed
@@ -203,13 +196,20 @@ class RunDir:
     submitit: Path
     lease: Path
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)  # a RunDir too: it is a path-like object
         for attribute, name in FILES.items():
             setattr(self, attribute, self.path / name)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        """The directory, wherever a path is taken (Path(run_dir), open, Lightning's dirpath)."""
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
 
     def heartbeat(self, rank: int) -> Path:
         """Rank `rank`'s heartbeat file."""
@@ -235,6 +235,22 @@ class RunDir:
         return self.sweep_plan.is_file()
 
     @classmethod
+    def create(cls, path: str | Path) -> RunDir:
+        """The run directory of `train`: made if missing, and checked to be writable by
+        this process before anything slow."""
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise CifarJobError(f"--run-dir {run.path} is a file; give a directory")
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            probe = temp_path(run.path / ".write-test")
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise CifarJobError(f"--run-dir {run.path} cannot be written: {e.strerror}") from None
+        return run
+
+    @classmethod
     def existing(cls, path: str | Path, sweep_ok: bool = True) -> RunDir:
         """The run directory at `path`, for a command that reads one: a directory that is
         not a run (nor, with `sweep_ok`, a sweep's) is refused with one line naming it."""
@@ -245,10 +261,12 @@ class RunDir:
             raise CifarJobError(f"{run.path} is a file, not a run directory")
         if not (run.is_run() or (sweep_ok and run.is_sweep())):
             kinds = "a run directory" + (" or a sweep's" if sweep_ok else "")
+            has_no = f"{run.manifest.name}, {run.events.name} or {run.config.name}"
+            if sweep_ok:
+                has_no += f" (nor {run.sweep_plan.name})"
             raise CifarJobError(
-                f"{run.path} is not {kinds}: it has no {MANIFEST}, {FILES['events']} or "
-                f"{CONFIG}{' (nor ' + SWEEP_PLAN + ')' if sweep_ok else ''}. Give the "
-                "--run-dir of a run that started."
+                f"{run.path} is not {kinds}: it has no {has_no}. Give the --run-dir of a run "
+                "that started."
             )
         return run
 
@@ -261,10 +279,10 @@ class RunDir:
 class Lease:
     """This run's claim on its run directory."""
 
-    def __init__(self, run_dir: Path, holder: str, job: str | None = None) -> None:
+    def __init__(self, run_dir: RunDir | Path, holder: str, job: str | None = None) -> None:
         """`holder` names who writes (slurm.holder_name: the Slurm job, or the process that
         started a local run); `job`, the Slurm job, if any."""
-        self.path = run_dir / LEASE
+        self.path = RunDir(run_dir).lease
         self.holder, self.job = holder, job
         self.held = False
         self.refreshed = 0.0
@@ -362,8 +380,8 @@ def step_file(step: int) -> str:
 class CheckpointStore:
     """The run directory's checkpoints: step-numbered files, the `latest` pointer, retention."""
 
-    def __init__(self, run_dir: Path, keep: int = 2) -> None:
-        self.run_dir, self.keep = run_dir, max(keep, 1)
+    def __init__(self, run_dir: RunDir | Path, keep: int = 2) -> None:
+        self.run_dir, self.keep = Path(run_dir), max(keep, 1)
 
     def path_for(self, step: int) -> Path:
         return self.run_dir / step_file(step)

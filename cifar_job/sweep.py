@@ -18,9 +18,8 @@ from typing import Any
 
 from cifar_job import CifarJobError, OptionError, __version__
 from cifar_job.config import FIXED, TrainConfig, dashed
-from cifar_job.rundir import RESULTS, SWEEP_PLAN, RunDir, read_json, write_json
+from cifar_job.rundir import RunDir, read_json, write_json
 
-PLAN = SWEEP_PLAN
 # More elements than this is most likely a typo (a long list times another): ask first.
 MAX_ELEMENTS = 1000
 # Settings that say where a run lives, not what it is: never swept.
@@ -85,7 +84,7 @@ def make_plan(
 
 def write_plan(run_dir: Path, plan: dict[str, Any]) -> None:
     """Write RUN_DIR/sweep.json, refusing a directory that holds another sweep."""
-    path = run_dir / PLAN
+    path = RunDir(run_dir).sweep_plan
     if path.exists():
         old = read_json(path, "the sweep's plan")
         if clash := plan_clashes(old, plan):
@@ -115,13 +114,13 @@ def plan_clashes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def read_plan(run_dir: Path) -> dict[str, Any] | None:
     """RUN_DIR/sweep.json, or None when the directory is not a sweep."""
-    path = Path(run_dir) / PLAN
+    path = RunDir(run_dir).sweep_plan
     return read_json(path, "the sweep's plan") if path.exists() else None
 
 
 def is_finished(element: dict[str, Any]) -> bool:
     """Whether the element's run wrote its results for the epochs it was asked to train."""
-    path = Path(element["run_dir"]) / RESULTS
+    path = RunDir(element["run_dir"]).results
     if not path.exists():
         return False
     results = read_json(path, "the final test results")
@@ -150,7 +149,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
     if curve:
         epoch, best = max(curve, key=lambda p: (p[1], -p[0]))
         row |= {"best_val_acc": best, "best_epoch": epoch}
-    results = run_dir / RESULTS
+    results = RunDir(run_dir).results
     if results.exists():
         row["test_acc"] = read_json(results, "the final test results").get("test/acc")
     return row

@@ -46,7 +46,7 @@ from cifar_job.mlflow_client import (
     read_state,
     say,
 )
-from cifar_job.rundir import SWEEP_PLAN, TRACKING, TRACKING_SPOOL, read_json, write_json
+from cifar_job.rundir import RunDir, read_json, write_json
 
 FLUSH_S = 2.0  # a metric reaches the server this long after it is logged
 RETRY_S = (2.0, 5.0, 15.0, 30.0)  # waits between tries while the server does not answer
@@ -62,12 +62,12 @@ class MlflowTracker(Logger):
     server. Only global rank 0 calls begin() and end(); the other ranks' logger does nothing
     (Lightning calls loggers on rank 0 only)."""
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig) -> None:
+    def __init__(self, run_dir: RunDir | Path, cfg: TrainConfig) -> None:
         super().__init__()
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.uri, self.experiment = str(cfg.tracking_uri), cfg.experiment
-        self.state_path = self.run_dir / TRACKING
-        self.spool_path = self.run_dir / TRACKING_SPOOL
+        self.state_path = RunDir(run_dir).tracking
+        self.spool_path = RunDir(run_dir).tracking_spool
         self.state = read_state(self.state_path)
         self._spool: Any = None
         self._thread: threading.Thread | None = None
@@ -222,7 +222,7 @@ class MlflowTracker(Logger):
         """A new MLflow run for this run directory; its id saved at once."""
         tags = {"cifar_job.run_dir": str(self.run_dir.resolve()), "cifar_job.version": __version__}
         sweep_dir = self.run_dir.parent
-        plan_path = sweep_dir / SWEEP_PLAN
+        plan_path = RunDir(sweep_dir).sweep_plan
         if plan_path.exists():
             plan = read_json(plan_path, "the sweep's plan")
             parent = ensure_sweep_parent(client, self.uri, sweep_dir, self.experiment, plan)
@@ -327,10 +327,10 @@ class MlflowTracker(Logger):
 
         sweep_dir = self.run_dir.parent
         plan = read_plan(sweep_dir)
-        parent = read_state(sweep_dir / TRACKING).get("run_id")
+        parent = read_state(RunDir(sweep_dir).tracking).get("run_id")
         if plan and parent and all(is_finished(e) for e in plan["elements"]):
             self._client.set_terminated(parent, "FINISHED")
 
 
-def make_tracker(run_dir: Path, cfg: TrainConfig) -> MlflowTracker | None:
+def make_tracker(run_dir: RunDir | Path, cfg: TrainConfig) -> MlflowTracker | None:
     return MlflowTracker(run_dir, cfg) if cfg.tracker == "mlflow" else None

@@ -29,7 +29,7 @@ from cifar_job.loader import CIFAR10DataModule
 from cifar_job.mlflow_client import check_client
 from cifar_job.module import CifarClassifier
 from cifar_job.phases import Phases
-from cifar_job.rundir import CONFIG, MANIFEST, RESULTS, Lease, RunDir, read_json, write_json
+from cifar_job.rundir import Lease, RunDir, read_json, write_json
 from cifar_job.slurm import (
     allocation_started,
     check_container,
@@ -58,7 +58,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     check_container()  # a job meant for a container never trains on the host
     size_threads()  # one thread per CPU Slurm gave the task, not per core of the node
     checkpoints.install_signal_handlers()  # from here on, a stop signal is never lost
-    run_dir = open_run_dir(cfg)
+    run_dir = RunDir.create(cfg.run_dir)
     # One job writes a run directory at a time: rank 0 holds the lease for all its ranks.
     lease = Lease(run_dir, holder_name(), job_id()) if rank_zero_only.rank == 0 else None
     if lease is not None and (took_over := lease.acquire()):
@@ -82,7 +82,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def train_and_record(
-    cfg: TrainConfig, run_dir: Path, lease: Lease | None, resume: tuple[str | None, int | None]
+    cfg: TrainConfig, run_dir: RunDir, lease: Lease | None, resume: tuple[str | None, int | None]
 ) -> dict[str, Any] | None:
     """fit_and_test under the watchdog, with how the start ended recorded."""
     # From here on, a rank that stops making progress ends the start (watchdog.py).
@@ -122,7 +122,7 @@ def train_and_record(
 
 def fit_and_test(
     cfg: TrainConfig,
-    run_dir: Path,
+    run_dir: RunDir,
     watchdog: Watchdog,
     resume: tuple[str | None, int | None],
     tracker: tracking.MlflowTracker | None = None,
@@ -188,7 +188,7 @@ def fit_and_test(
     if not trainer.is_global_zero:
         return None  # rank 0 writes and reports
     if not cfg.fast_dev_run:
-        write_json(run_dir / RESULTS, results)
+        write_json(run_dir.results, results)
         record_finish(run_dir, results)
     return results
 
@@ -198,26 +198,11 @@ def build_datamodule(cfg: TrainConfig) -> CIFAR10DataModule:
     return CIFAR10DataModule(cfg, lambda ranks: loader_workers(ranks, cfg.num_workers))
 
 
-def open_run_dir(cfg: TrainConfig) -> Path:
-    """Create (or reopen) the run directory, and check that this process may write it."""
-    run_dir = Path(cfg.run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CifarJobError(f"--run-dir {run_dir} is a file; give a directory")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{socket.gethostname()}-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise CifarJobError(f"--run-dir {run_dir} cannot be written: {e.strerror}") from None
-    return run_dir
-
-
-def check_settings(run_dir: Path, cfg: TrainConfig, trained_with: dict[str, Any] | None) -> None:
+def check_settings(run_dir: RunDir, cfg: TrainConfig, trained_with: dict[str, Any] | None) -> None:
     """Refuse settings that cannot continue the run the directory holds: those the resumed
     checkpoint was trained with (else config.json's, for a finished run); save cfg's."""
-    saved = run_dir / CONFIG
-    if trained_with is None and saved.exists() and (run_dir / RESULTS).exists():
+    saved = run_dir.config
+    if trained_with is None and saved.exists() and run_dir.results.exists():
         trained_with = read_json(saved, "the run's settings")
     if trained_with is not None:
         clashes = resume_clashes(trained_with, cfg)
@@ -231,9 +216,9 @@ def check_settings(run_dir: Path, cfg: TrainConfig, trained_with: dict[str, Any]
     write_json(saved, cfg.to_dict())
 
 
-def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+def finished_results(run_dir: RunDir, cfg: TrainConfig) -> dict[str, Any] | None:
     """The results of a run that already trained for cfg.max_epochs here, else None."""
-    path = run_dir / RESULTS
+    path = run_dir.results
     if cfg.fast_dev_run or not path.exists():
         return None
     results = read_json(path, "the final test results")
@@ -243,7 +228,7 @@ def finished_results(run_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def record_end(
-    run_dir: Path,
+    run_dir: RunDir,
     reason: str,
     cause: str,
     message: str | None = None,
@@ -265,7 +250,9 @@ def record_end(
         tracker.end(reason, message, artifacts or [], wait_s=5.0 if reason == "stopped" else None)
 
 
-def start_summary(run_dir: Path, step: int | None, job: str | None, layout: str) -> dict[str, Any]:
+def start_summary(
+    run_dir: RunDir, step: int | None, job: str | None, layout: str
+) -> dict[str, Any]:
     """This start as the tracking server tags it: its number and job, every job of the run,
     where it runs and from which step."""
     starts = _manifest(run_dir)["starts"]
@@ -281,32 +268,32 @@ def start_summary(run_dir: Path, step: int | None, job: str | None, layout: str)
     }
 
 
-def final_artifacts(run_dir: Path, cfg: TrainConfig, results: dict[str, Any]) -> list[Path]:
+def final_artifacts(run_dir: RunDir, cfg: TrainConfig, results: dict[str, Any]) -> list[Path]:
     """What a finished run uploads: results.json, curves.png (the learning curves and the
     confusion matrix) and, with --log-model, the best checkpoint."""
     if cfg.tracker == "none" or cfg.fast_dev_run:
         return []
     from cifar_job.plot import plot_run
 
-    paths = [run_dir / RESULTS]
+    paths = [run_dir.results]
     try:
-        paths.append(plot_run(RunDir(run_dir)))
+        paths.append(plot_run(run_dir))
     except Exception as e:  # a plot is never worth failing a finished run for
-        print(f"tracking: no {RunDir(run_dir).curves.name}: {e}", file=sys.stderr, flush=True)
+        print(f"tracking: no {run_dir.curves.name}: {e}", file=sys.stderr, flush=True)
     if cfg.log_model and results.get("best_checkpoint"):
         paths.append(Path(results["best_checkpoint"]))
     return paths
 
 
-def _manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / MANIFEST
+def _manifest(run_dir: RunDir) -> dict[str, Any]:
+    path = run_dir.manifest
     if path.exists():
         return read_json(path, "the run's history (version, starts, final metrics)")
     return {"version": __version__, "git_sha": git_sha(), "starts": []}
 
 
 def record_start(
-    run_dir: Path, cfg: TrainConfig, resume_from: str | None, step: int | None
+    run_dir: RunDir, cfg: TrainConfig, resume_from: str | None, step: int | None
 ) -> None:
     """Append this start (time, job id, host, Python, checkpoint and step resumed from, and the
     settings it ran with) to manifest.json. The image (its version and revision; None on the
@@ -324,14 +311,14 @@ def record_start(
             "config": cfg.to_dict(),
         }
     )
-    write_json(run_dir / MANIFEST, manifest)
+    write_json(run_dir.manifest, manifest)
 
 
-def record_finish(run_dir: Path, results: dict[str, Any]) -> None:
+def record_finish(run_dir: RunDir, results: dict[str, Any]) -> None:
     """Store the final metrics in manifest.json."""
     manifest = _manifest(run_dir)
     manifest["final"] = {k: v for k, v in results.items() if k != "test/confusion"}
-    write_json(run_dir / MANIFEST, manifest)
+    write_json(run_dir.manifest, manifest)
 
 
 def git_sha() -> str | None:

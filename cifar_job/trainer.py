@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from cifar_job import OptionError, quiet_deprecations
 from cifar_job.checkpoints import AtomicCheckpointIO
 from cifar_job.config import TrainConfig
-from cifar_job.rundir import BEST, LOGS, TENSORBOARD
+from cifar_job.rundir import BEST, FILES
 from cifar_job.slurm import slurm_layout
 
 
@@ -107,6 +107,7 @@ def build_trainer(
     loggers: list[Logger] | None = None,
 ) -> L.Trainer:
     """A Trainer writing checkpoints and logs into run_dir (and to `loggers` as well)."""
+    run_dir = Path(run_dir)
     progress = sys.stderr.isatty() if progress is None else progress
     devices, num_nodes = slurm_layout(cfg)
     all_callbacks: list[Callback] = [
@@ -128,9 +129,9 @@ def build_trainer(
         all_callbacks.append(LogLines(cfg.log_every_n_steps))
     # Each start of the run logs to its own logs/version_N/: Lightning's CSVLogger deletes
     # an existing metrics.csv when it opens it again. `cifar-job plot` reads them in order.
-    all_loggers: list[Logger] = [CSVLogger(run_dir, name=LOGS)]
+    all_loggers: list[Logger] = [CSVLogger(run_dir, name=FILES["logs"])]
     if cfg.tensorboard:
-        all_loggers.append(TensorBoardLogger(run_dir, name=TENSORBOARD))
+        all_loggers.append(TensorBoardLogger(run_dir, name=FILES["tensorboard"]))
     all_loggers += loggers or []
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

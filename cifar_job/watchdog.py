@@ -58,7 +58,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cifar_job import checkpoints, events, stops
-from cifar_job.rundir import HANG_CLAIM, HANG_RECORD, CheckpointStore, RunDir, write_json
+from cifar_job.rundir import CheckpointStore, RunDir, write_json
 
 # 124, as timeout(1) exits: this rank saw no progress for its timeout. The batch script
 # requeues on the marker written with it.
@@ -171,7 +171,12 @@ class Watchdog(Callback):
         exclude_node: bool = False,
         where: Where | None = None,
     ):
-        self.run_dir, self.fixed_timeout, self.exclude_node = run_dir, hang_timeout_s, exclude_node
+        self.run_dir, self.fixed_timeout, self.exclude_node = (
+            Path(run_dir),
+            hang_timeout_s,
+            exclude_node,
+        )
+        self.run = RunDir(run_dir)
         self.where = where or Where()
         self.rank = self.where.rank
         self.section, self.step = "setup", 0
@@ -352,7 +357,7 @@ class Watchdog(Callback):
     # --- what it writes
 
     def _beat_path(self) -> Path:
-        return RunDir(self.run_dir).heartbeat(self.rank)
+        return self.run.heartbeat(self.rank)
 
     def _beat(self, now: float) -> dict[str, Any]:
         return {
@@ -420,7 +425,7 @@ class Watchdog(Callback):
         if not self._claim():
             # Its save and record first: srun ends the step at the first exit.
             deadline = time.monotonic() + HANG_SAVE_BUDGET_S + 3 * self.poll_s
-            while time.monotonic() < deadline and not (self.run_dir / HANG_RECORD).exists():
+            while time.monotonic() < deadline and not self.run.hang_record.exists():
                 time.sleep(0.2)
             self._exit(HANG_EXIT, None)
         bound = self.timeout()
@@ -435,7 +440,7 @@ class Watchdog(Callback):
                 saved=saved is not None,
                 exclude=",".join(exclude) or None,
             )
-            write_json(self.run_dir / HANG_RECORD, record)
+            write_json(self.run.hang_record, record)
         except OSError:
             pass
         who = ", ".join(f"rank {b['rank']} on {b['node']}" for b in culprits)
@@ -451,14 +456,14 @@ class Watchdog(Callback):
         self._exit(
             HANG_EXIT,
             f"hang: {named}; rank {self.rank} on {me['node']} saw no progress for {idle:.0f} s "
-            f"(bound {bound:.0f} s). Ending this start; {then} ({self.run_dir / HANG_RECORD})",
+            f"(bound {bound:.0f} s). Ending this start; {then} ({self.run.hang_record})",
         )
 
     def _claim(self) -> bool:
         """Whether this rank is the one that acts on this start's hang: the first to create
         hang.claim (atomically, also on a shared filesystem). An earlier start's is taken
         over."""
-        path = self.run_dir / HANG_CLAIM
+        path = self.run.hang_claim
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -555,7 +560,7 @@ class Watchdog(Callback):
 
     def _read_beats(self) -> dict[int, dict[str, Any]]:
         beats = {}
-        for path in RunDir(self.run_dir).heartbeat_files():
+        for path in self.run.heartbeat_files():
             try:
                 beat = json.loads(path.read_text())
                 if beat["start"] == self.start_key:  # not a rank of an earlier start

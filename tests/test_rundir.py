@@ -17,7 +17,7 @@ from conftest import SMOKE, cifar_job
 
 from cifar_job import CifarJobError
 from cifar_job.launch import queued_elements
-from cifar_job.rundir import LEASE, LEASE_TTL_S, Lease
+from cifar_job.rundir import FILES, LEASE_TTL_S, Lease
 from cifar_job.slurm import holder_name, job_id
 
 # A run long enough to be caught holding its directory: 20 steps of a small ResNet.
@@ -48,7 +48,7 @@ def test_two_trains_on_one_run_directory_one_trains_the_other_is_refused(tmp_pat
     assert "a second writer would overwrite its checkpoints" in second.stderr
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
-    assert (run_dir / "results.json").exists() and not (run_dir / LEASE).exists()
+    assert (run_dir / "results.json").exists() and not (run_dir / FILES["lease"]).exists()
 
 
 def test_a_lease_whose_process_is_gone_is_taken_over_and_said(tmp_path):
@@ -57,9 +57,9 @@ def test_a_lease_whose_process_is_gone_is_taken_over_and_said(tmp_path):
     lease = Lease(tmp_path, holder_name(), job_id())
     lease.holder = f"process {dead.pid} on elsewhere"
     lease.write(since="earlier")
-    stale = json.loads((tmp_path / LEASE).read_text())
+    stale = json.loads((tmp_path / FILES["lease"]).read_text())
     stale["pid"] = dead.pid  # on this host, and gone
-    (tmp_path / LEASE).write_text(json.dumps(stale))
+    (tmp_path / FILES["lease"]).write_text(json.dumps(stale))
     run = cifar_job("train", *SMOKE, "--run-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert f"taking over from process {dead.pid} on elsewhere (its process {dead.pid} is gone)" in (
@@ -76,11 +76,11 @@ def test_a_live_holder_on_another_host_is_refused_until_its_lease_goes_stale(tmp
         "since": "then",
         "refreshed": time.time(),
     }
-    (tmp_path / LEASE).write_text(json.dumps(other))
+    (tmp_path / FILES["lease"]).write_text(json.dumps(other))
     with pytest.raises(CifarJobError, match="in use by Slurm job 99 .host n7"):
         Lease(tmp_path, holder_name(), job_id()).acquire()
     other["refreshed"] = time.time() - LEASE_TTL_S - 1
-    (tmp_path / LEASE).write_text(json.dumps(other))
+    (tmp_path / FILES["lease"]).write_text(json.dumps(other))
     said = Lease(tmp_path, holder_name(), job_id()).acquire()
     assert said is not None and "taking over from Slurm job 99 (not refreshed for" in said
 
