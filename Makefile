@@ -77,7 +77,7 @@ test-containers: install cluster ## Build the image; run it in Docker, and in py
 test-containers-fresh: wipe ## The same from nothing, as on a new machine: no images, caches or cluster state
 	$(MAKE) test-containers
 
-bench: install ## Every benchmark, one at a time; then fails naming each that failed (~10 min on CPU)
+bench: install ## Every benchmark, one at a time; then fails naming each that failed (~20 min on 2 cores)
 	$(PY) bench/run.py
 
 bench-smoke: install ## Each benchmark in its quick mode: checks the scripts, not figures (~2 min)

@@ -23,7 +23,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from cifar_job import OptionError, quiet_deprecations
 from cifar_job.checkpoints import AtomicCheckpointIO
 from cifar_job.config import TrainConfig
-from cifar_job.rundir import BEST, FILES
+from cifar_job.rundir import BEST, RunDir
 from cifar_job.slurm import slurm_layout
 
 
@@ -129,9 +129,9 @@ def build_trainer(
         all_callbacks.append(LogLines(cfg.log_every_n_steps))
     # Each start of the run logs to its own logs/version_N/: Lightning's CSVLogger deletes
     # an existing metrics.csv when it opens it again. `cifar-job plot` reads them in order.
-    all_loggers: list[Logger] = [CSVLogger(run_dir, name=FILES["logs"])]
+    all_loggers: list[Logger] = [CSVLogger(run_dir, name=RunDir(run_dir).logs.name)]
     if cfg.tensorboard:
-        all_loggers.append(TensorBoardLogger(run_dir, name=FILES["tensorboard"]))
+        all_loggers.append(TensorBoardLogger(run_dir, name=RunDir(run_dir).tensorboard.name))
     all_loggers += loggers or []
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():

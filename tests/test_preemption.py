@@ -215,13 +215,7 @@ def test_admin_requeue_then_cancel_resume_to_identical_weights(reference, tmp_pa
     assert "requeueing job" not in text  # Slurm's requeue, not a second one from the script
     assert ckpt_step(run_dir) == saved[1]  # saved within KillWait (5 s here)
     marker = json.loads((run_dir / "decision.json").read_text())
-    assert marker == {
-        "action": "wait",
-        "requeue": False,
-        "step": saved[1],
-        "signal": "SIGTERM",
-        "saved": True,
-    }
+    assert marker == {"action": "wait", "step": saved[1], "signal": "SIGTERM", "saved": True}
     assert not (run_dir / "results.json").exists()
     assert_no_rank_left(run_dir)
 

@@ -116,13 +116,9 @@ def test_interrupted_run_resumes_to_identical_weights(straight, tmp_path, sig, s
     assert not (run_dir / "results.json").exists()
     marker = json.loads((run_dir / "decision.json").read_text())  # for the launcher
     action = "requeue" if requeue else "wait"
-    assert marker == {
-        "action": action,
-        "requeue": requeue,
-        "step": k,
-        "signal": sig.name,
-        "saved": True,
-    }
+    assert marker == {"action": action, "step": k, "signal": sig.name, "saved": True}
+    # what the batch script reads
+    assert (run_dir / "decision.env").read_text() == f"action={action}\nsaved=1\nstep={k}\n"
 
     resumed = cifar_job(*ARGS, "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr

@@ -225,7 +225,9 @@ def test_a_damaged_file_of_a_finished_run_is_named(tmp_path):
     assert f"warning: {run / 'events.jsonl'}: line 2 is not a whole record" in hours.output
 
 
-@pytest.mark.parametrize("uri", ["ftp://login1:5000", "sqlite:///mlflow.db", "login1:5000"])
+@pytest.mark.parametrize(
+    "uri", ["htp://127.0.0.1:5000", "ftp://login1:5000", "sqlite:///mlflow.db", "login1:5000"]
+)
 def test_a_tracking_uri_that_cannot_be_a_server_is_refused_before_training(uri, tmp_path):
     from click.testing import CliRunner
 
