@@ -38,7 +38,9 @@ from slurmjobs import (
     wait_for_step,
 )
 
-pytestmark = [pytest.mark.container, pytest.mark.slurm, pytest.mark.slow]
+# 30 min: the first test's set-up builds the image (or imports it into enroot) from nothing,
+# which took 10 min on 2026-12-01 and ran past 10 on a machine 2.4x slower (2026-12-07).
+pytestmark = [pytest.mark.container, pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 URI = f"dockerd://{IMAGE}"
 VENV_PYTHON = "/opt/venv/bin/python"
