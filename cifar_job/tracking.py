@@ -66,8 +66,8 @@ class MlflowTracker(Logger):
         super().__init__()
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.uri, self.experiment = str(cfg.tracking_uri), cfg.experiment
-        self.state_path = RunDir(run_dir).tracking
-        self.spool_path = RunDir(run_dir).tracking_spool
+        run = RunDir(run_dir)
+        self.state_path, self.spool_path = run.tracking, run.tracking_spool
         self.state = read_state(self.state_path)
         self._spool: Any = None
         self._thread: threading.Thread | None = None
