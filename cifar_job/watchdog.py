@@ -419,8 +419,9 @@ class Watchdog(Callback):
                 f"cifar-job: rank {self.rank}'s threads at the hang:", file=sys.stderr, flush=True
             )
             faulthandler.dump_traceback(sys.stderr, all_threads=True)
-            if signal_children(signal.SIGQUIT):
-                time.sleep(1.0)
+            for child in children():  # one at a time: their dumps would interleave
+                signal_children(signal.SIGQUIT, [child])
+                time.sleep(0.5)
         # Every healthy rank gets here at about the same time; the first one acts.
         if not self._claim():
             # Its save and record first: srun ends the step at the first exit.
@@ -584,20 +585,28 @@ class Watchdog(Callback):
         os._exit(code)
 
 
-def signal_children(signum: int) -> int:
-    """Send signum to this process's children (Linux's /proc; elsewhere none); how many."""
-    me, sent = str(os.getpid()), 0
+def children() -> list[int]:
+    """This process's children (Linux's /proc; elsewhere none)."""
+    me, found = str(os.getpid()), []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if fields[1] == me:
-            try:
-                os.kill(int(stat.parent.name), signum)
-                sent += 1
-            except OSError:
-                pass
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def signal_children(signum: int, pids: list[int] | None = None) -> int:
+    """Send signum to this process's children (or to pids of them); how many got it."""
+    sent = 0
+    for pid in children() if pids is None else pids:
+        try:
+            os.kill(pid, signum)
+            sent += 1
+        except OSError:
+            pass
     return sent
 
 
