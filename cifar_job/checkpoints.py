@@ -265,7 +265,7 @@ def _loadable(path: Path) -> dict[str, Any] | None:
 # the run finished; requeue it (a time limit, a hang); wait for Slurm, which is ending the
 # job (SIGTERM: preemption, scancel, scontrol requeue); or fail without a requeue (an error
 # that another start would meet again).
-ACTIONS = ("finished", "requeue", "wait", "fail")
+ACTIONS = ("finished", "relaunch", "requeue", "wait", "fail")
 
 
 def write_marker(run_dir: Path, action: str, **details: Any) -> None:
@@ -306,7 +306,7 @@ def check_progress(run_dir: Path, job: str | None, resume_step: int | None, budg
     for event in events.read(run_dir):
         if event["event"] == "start":
             starts.append({**event, "ends": []})
-        elif event["event"] in ("end", "hang") and starts:
+        elif event["event"] in ("end", "hang", "peer-lost") and starts:
             starts[-1]["ends"].append(event)
     stalled = []
     later = resume_step or 0
@@ -335,6 +335,8 @@ def _failure(ends: list[dict[str, Any]]) -> str:
     for event in ends:
         if event["event"] == "hang":
             return f"a hang ({event.get('stopped')})"
+        if event["event"] == "peer-lost":
+            return f"a lost peer ({event.get('error')})"
     for event in ends:
         if event.get("reason") == "error":
             return f"an error ({event.get('message')})"

@@ -506,10 +506,18 @@ def status(run_dir: str, as_json: bool) -> None:
     job = f" (job {info['job_id']})" if info.get("job_id") else ""
     click.echo(f"{info['run_dir']}: {info['state']}{job}")
     where = f" (in {info['checkpoint']})" if info.get("checkpoint") else ""
+    relaunched = len(info.get("relaunches", []))
     click.echo(
         f"  step {info.get('step', 0)}, epoch {info.get('epoch', 0)}{where}, "
-        f"{info['restarts']} restart(s)"
+        f"{info['restarts']} restart(s) through the queue, {relaunched} in the allocation"
     )
+    for r in info.get("relaunches", []):
+        took = f", training again {r['seconds']} s after it" if r.get("seconds") else ""
+        nodes = f" on {r['nodes']}" if r.get("nodes") else ""
+        left = f" without {r['left_out']}" if r.get("left_out") else ""
+        spare = f" (spare {r['spare']} in)" if r.get("spare") else ""
+        said = f"{r['fault']} at step {r['step']}{took}{nodes}{left}{spare}"
+        click.echo(f"  relaunch {r['relaunch']}: {said}")
     for key, value in sorted(info["metrics"].items()):
         click.echo(f"  {key} {value:.4f}")
     if info.get("tracking"):

@@ -44,7 +44,19 @@ def _slurm(default: Any, help: str, minimum: int | None = None) -> Any:
 class SlurmOptions:
     """What `cifar-job submit` asks Slurm for; each field is one of its options."""
 
-    nodes: int = _slurm(1, "Nodes (the Trainer's --num-nodes).", 1)
+    nodes: int = _slurm(1, "Nodes to train on (the Trainer's --num-nodes).", 1)
+    spare_nodes: int = _slurm(
+        0,
+        "Spare nodes: the job asks for --nodes plus these, trains on --nodes, and puts a "
+        "spare in a lost node's place inside the allocation.",
+        0,
+    )
+    min_nodes: int | None = _slurm(
+        None,
+        "Go on with this many nodes when nodes are lost and no spare is left (the global "
+        "batch and sample order stay). [default: --nodes: never fewer]",
+        1,
+    )
     gpus_per_node: int = _slurm(1, "GPUs per node.", 0)
     tasks_per_node: int | None = _slurm(None, "Tasks (ranks) per node. [default: one per GPU]", 1)
     cpus_per_task: int = _slurm(8, "CPUs per task.", 1)
@@ -71,6 +83,11 @@ class SlurmOptions:
     def validate(self) -> None:
         """Raise OptionError for a value Slurm would refuse later, after the job was made."""
         time_minutes(self.time)
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            raise OptionError(
+                f"--min-nodes {self.min_nodes} is more than --nodes {self.nodes}: it is the "
+                "fewest nodes the job may go on with after losing some"
+            )
 
 
 def time_minutes(text: str) -> int:
@@ -126,7 +143,13 @@ def batch_lines(slurm: SlurmOptions, run_dirs: list[str]) -> tuple[list[str], li
     # The protocol itself, not `source` of this host's copy: the nodes may not see this
     # install's path (exit 127, and no requeue), and the script must be the one it was made by.
     protocol = REQUEUE_SCRIPT.read_text().rstrip("\n").splitlines()
-    setup = [*where, *protocol, "cifar_job_before_step"]
+    relaunch = [f"export SPARE_NODES={slurm.spare_nodes}"]
+    if slurm.min_nodes is not None:
+        relaunch.append(f"export MIN_NODES={slurm.min_nodes}")
+    # submitit's own srun line runs the training step; this function makes it requeue.sh's
+    # step, started again in the allocation after a fault (cifar_job_step).
+    wrap = ['srun() { cifar_job_step "$@"; }']
+    setup = [*where, *relaunch, *protocol, "cifar_job_before_step", *wrap]
     return setup, ["cifar_job_after_step $?", 'exit "$?"']
 
 
@@ -154,7 +177,9 @@ def build_executor(
     python = "python3" if slurm.container_image else None  # the image's own Python
     kind = ScriptOnly if dry_run else submitit.SlurmExecutor
     executor = kind(folder=folder, python=python)
-    srun_args = ["--kill-on-bad-exit=1"]  # one rank failing must not leave the others hanging
+    # --kill-on-bad-exit: one rank failing must not leave the others hanging. Append: a step
+    # started again in the allocation writes on in the same logs.
+    srun_args = ["--kill-on-bad-exit=1", "--open-mode=append"]
     if slurm.container_image:
         cwd = os.getcwd()
         srun_args += [
@@ -165,7 +190,7 @@ def build_executor(
     setup, teardown = batch_lines(slurm, run_dirs or [cfg.run_dir])
     params: dict[str, Any] = {
         "job_name": slurm.job_name,
-        "nodes": slurm.nodes,
+        "nodes": slurm.nodes + slurm.spare_nodes,
         "ntasks_per_node": slurm.ntasks_per_node,
         "cpus_per_task": slurm.cpus_per_task,
         "time": time_minutes(slurm.time),
@@ -174,7 +199,9 @@ def build_executor(
         "setup": setup,
         "teardown": teardown,
         # --requeue: allow `scontrol requeue`; submitit already appends to its logs.
-        "additional_parameters": {"requeue": True, **slurm.extra},
+        # --no-kill: a lost node does not end the allocation; the batch script goes on
+        # without it (requeue.sh's cifar_job_step).
+        "additional_parameters": {"requeue": True, "no_kill": True, **slurm.extra},
     }
     if slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node

@@ -32,6 +32,7 @@ CATEGORIES = (
     ("stop", "stop and grace"),
     ("queue", "queue wait between starts"),
     ("hang", "hang"),
+    ("recovery", "fault to training again"),  # a relaunch inside the allocation
     ("unaccounted", "unaccounted"),
 )
 
@@ -55,15 +56,22 @@ def sacct(job: str) -> tuple[list[Allocation], str | None]:
     rows, why = sacct_allocations(job)
     if why is not None:
         return [], why
-    found = []
-    for start_text, end_text, state, nodes in rows:
+    found: list[Allocation] = []
+    for start_text, end_text, state, nodes in sorted(rows, key=lambda row: row[0]):
         start = _slurm_time(start_text)
         if start is None:
             continue  # never started (pending, or cancelled while pending)
+        last = found[-1] if found else None
+        if last and last.state == "RESIZING" and last.end is not None and start - last.end <= 1:
+            # A --no-kill job that lost a node goes on in the same allocation: Slurm's
+            # accounting ends a RESIZING record there and starts another. One allocation,
+            # counted with the nodes it began with.
+            last.end, last.state = _slurm_time(end_text), state
+            continue
         found.append(Allocation(start, _slurm_time(end_text), nodes, state))
     if not found:
         return [], f"sacct has no allocation of job {job}"
-    return sorted(found, key=lambda a: a.start), None
+    return found, None
 
 
 def _slurm_time(text: str) -> float | None:
@@ -86,6 +94,7 @@ class Start:
     begin: float  # the allocation's start (Slurm's), else the process's
     process: float
     resumed: int
+    relaunch: int = 0  # > 0: started again inside the previous start's allocation
     records: list[dict[str, Any]] = field(default_factory=list)
     # What reached.bin held as it began: the last step of the newest start that trained.
     found_reached: dict[str, Any] | None = None
@@ -113,6 +122,7 @@ def split_starts(run_dir: Path, damaged: list[int] | None = None) -> list[Start]
                     begin=_number(event.get("allocated")) or process,
                     process=process,
                     resumed=int(_number(event.get("step")) or 0),
+                    relaunch=int(_number(event.get("relaunch")) or 0),
                     found_reached=reached if _is_reached(reached) else None,
                 )
             )
@@ -146,6 +156,7 @@ def hours(run_dir: str | Path, use_sacct: bool = True) -> dict[str, Any]:
         found = starts[i + 1].found_reached if i + 1 < len(starts) else last_reached
         if found is not None and found["time"] >= start.process:
             start.reached = found
+    _link_relaunches(starts)
     for i, start in enumerate(starts):
         _account(start, starts[:i])
     total = {key: sum(s.seconds.get(key, 0.0) * s.nodes for s in starts) for key, _ in CATEGORIES}
@@ -200,6 +211,23 @@ def _attach_slurm(starts: list[Start]) -> str | None:
     return None
 
 
+def _last_record(start: Start) -> float:
+    times = [r["time"] for r in start.records if _number(r.get("time")) is not None]
+    if start.reached is not None:
+        times.append(start.reached["time"])
+    return max(times, default=start.process)
+
+
+def _link_relaunches(starts: list[Start]) -> None:
+    """A start relaunched inside the allocation of the one before it shares that allocation:
+    the earlier start ends at its last record (the fault), the later one begins there, with
+    no queue wait between them."""
+    for before, start in zip(starts, starts[1:]):
+        if start.relaunch > 0 and start.job == before.job:
+            before.end = _last_record(before)
+            start.begin = before.end
+
+
 def _account(start: Start, earlier: list[Start]) -> None:
     """Split one start's allocation, [begin, end], and the queue wait before it, into the
     categories (seconds)."""
@@ -221,7 +249,15 @@ def _account(start: Start, earlier: list[Start]) -> None:
     train = _first(recs, "train")
     train_t = train["time"] if train else None
     ready = train_t or last_record  # start-up: to training's beginning, less what is timed
-    seconds["startup"] = max(0.0, ready - start.begin - _overlap(timed, start.begin, ready))
+    # After a relaunch, from the fault to training again (the step's end, the new one's
+    # start, imports, rendezvous, data, the checkpoint load): the recovery, not a start-up.
+    kind = "recovery" if start.relaunch > 0 else "startup"
+    seconds[kind] = max(0.0, ready - start.begin - _overlap(timed, start.begin, ready))
+    if start.relaunch > 0:
+        start.notes.append(
+            f"relaunch {start.relaunch} in the allocation: training again "
+            f"{seconds[kind]:.1f} s after the fault"
+        )
     # Training lasts from its beginning until it stopped: a hang (from its last progress), a
     # stop signal, the end of fit; or, for a start killed without a word, its last step.
     # From a hang's last progress, or a stop signal, to the allocation's end: the hang, or

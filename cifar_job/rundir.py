@@ -44,7 +44,7 @@ FILES = {
     "results": "results.json",  # the final test metrics: the run has finished
     "decision": "decision.json",  # how the last start ended (the job log quotes it)
     "decision_env": "decision.env",  # the same as KEY=value lines: what requeue.sh reads
-    "requeue_log": "requeues.log",  # a line per requeue the batch script asked for (requeue.sh)
+    "requeue_log": "requeues.log",  # a line per requeue and relaunch of requeue.sh's
     "events": "events.jsonl",  # each start, its phases, its end, hangs: appended
     "heartbeats": "heartbeats",  # each rank's last heartbeat (watchdog.py): rank-N.json
     "hang_record": "hang.json",  # the last hang: every rank's heartbeat, the one that stopped
@@ -138,7 +138,7 @@ def read_json(path: Path, what: str) -> Any:
 
 # The decision's keys that the batch script (requeue.sh) reads from decision.env, and the
 # characters their values may hold there: it reads the file line by line, never sources it.
-DECISION_KEYS = ("action", "saved", "step", "exclude")
+DECISION_KEYS = ("action", "saved", "step", "exclude", "lost")
 SAFE_VALUE = re.compile(r"[A-Za-z0-9_.,:@\[\]-]*")
 
 

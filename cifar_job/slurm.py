@@ -30,7 +30,9 @@ def slurm_layout(cfg: TrainConfig) -> tuple[int | str | list[int], int]:
     if not in_srun_step():
         return devices, cfg.num_nodes
     tasks, nodes = tasks_per_node(), slurm_nodes()
-    problems = layout_problems(cfg.devices, cfg.num_nodes, tasks, nodes)
+    # A step started again in the allocation may run on fewer nodes (MIN_NODES): Slurm's.
+    asked = cfg.num_nodes if relaunch_count() == 0 else 1
+    problems = layout_problems(cfg.devices, asked, tasks, nodes)
     if problems["devices"]:
         raise CifarJobError(
             f"--devices {cfg.devices} disagrees with Slurm's {tasks} tasks per node: "
@@ -62,8 +64,11 @@ def layout_problems(devices: str, num_nodes: int, tasks: int, nodes: int) -> dic
 
 
 def slurm_nodes() -> int:
-    """How many nodes the Slurm job has."""
-    return int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    """How many nodes this step runs on (a step may use some of the job's nodes: spares,
+    a relaunch without a lost node), else the job's."""
+    env = os.environ
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES")
+    return int(nodes or env.get("SLURM_JOB_NUM_NODES") or 1)
 
 
 def in_srun_step() -> bool:
@@ -187,17 +192,29 @@ def restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
+def relaunch_count() -> int:
+    """How many times the batch script started the training step again inside this
+    allocation (requeue.sh's CIFAR_JOB_RELAUNCH; 0 for its first step, and outside Slurm)."""
+    return int(os.environ.get("CIFAR_JOB_RELAUNCH") or 0)
+
+
+def start_number() -> int:
+    """This start's number in the job, from 1: every requeue and every relaunch inside an
+    allocation is a start."""
+    return restart_count() + relaunch_count() + 1
+
+
 def under_slurm() -> bool:
     """Whether this process runs in a Slurm job."""
     return "SLURM_JOB_ID" in os.environ
 
 
 def start_id() -> str:
-    """What this start's ranks share, and earlier starts' lack: Slurm's job and restart
-    count, or a name the first process of a local run passes on to the ranks that Lightning
-    launches (they inherit its environment)."""
+    """What this start's ranks share, and earlier starts' lack: Slurm's job, restart count
+    and relaunch count, or a name the first process of a local run passes on to the ranks
+    that Lightning launches (they inherit its environment)."""
     if job := os.environ.get("SLURM_JOB_ID"):
-        return f"{job}.{restart_count()}"
+        return f"{job}.{restart_count()}.{relaunch_count()}"
     return local_start()
 
 

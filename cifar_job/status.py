@@ -16,10 +16,13 @@ def run_status(run: RunDir) -> dict[str, Any]:
     manifest = run.read(run.manifest, "the run's history (version, starts, final metrics)", {})
     starts = manifest.get("starts", [])
     run_dir = run.path
+    recoveries = relaunches(run)
     status: dict[str, Any] = {
         "run_dir": str(run_dir),
         "starts": len(starts),
-        "restarts": max(len(starts) - 1, 0),
+        # Through the queue (a requeue, a resubmission); and inside the allocation.
+        "restarts": max(len(starts) - 1 - len(recoveries), 0),
+        "relaunches": recoveries,
     }
     status |= checkpoint_position(run_dir)
     job_id = starts[-1].get("job_id") if starts else None
@@ -36,6 +39,49 @@ def run_status(run: RunDir) -> dict[str, Any]:
     if run.tracking.exists():  # --tracker mlflow: where the run is on the server
         status["tracking"] = run.read(run.tracking, "the MLflow run this run logs to")
     return status
+
+
+def relaunches(run: RunDir) -> list[dict[str, Any]]:
+    """Each start the batch script relaunched inside its allocation after a fault: the fault
+    and its step, the nodes it went on with, those left out, the spares, and the seconds from
+    the fault to the first step trained again (events.jsonl, requeues.log)."""
+    from cifar_job import events
+
+    placed = {}  # relaunch number -> its line: nodes=... left_out=... spare=... (requeue.sh)
+    if run.requeue_log.exists():
+        for line in run.requeue_log.read_text(errors="replace").splitlines():
+            words = line.split()
+            if len(words) > 4 and words[3] == "relaunch" and words[4].isdigit():
+                placed[int(words[4])] = dict(w.split("=", 1) for w in words[5:] if "=" in w)
+    found: list[dict[str, Any]] = []
+    fault: dict[str, Any] | None = None
+    for event in events.read(run.path):
+        kind = event["event"]
+        if kind in ("peer-lost", "hang", "fault"):
+            fault = fault if fault and fault["event"] == "fault" else event  # the first word
+        elif kind == "start":
+            if event.get("relaunch"):
+                where = placed.get(event["relaunch"], {})
+                found.append(
+                    {
+                        "relaunch": event["relaunch"],
+                        "fault": fault["event"] if fault else "a rank killed without a word",
+                        "step": event.get("step"),
+                        "nodes": where.get("nodes"),
+                        "left_out": where.get("left_out")
+                        if where.get("left_out") != "none"
+                        else None,
+                        "spare": where.get("spare") if where.get("spare") != "none" else None,
+                        "since": fault["time"] if fault else None,
+                    }
+                )
+            fault = None
+        elif kind == "first_step" and found and "seconds" not in found[-1]:
+            since = found[-1].pop("since")
+            found[-1]["seconds"] = round(event["time"] - since, 1) if since else None
+    for item in found:
+        item.pop("since", None)
+    return found
 
 
 def checkpoint_position(run_dir: Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """How a start ends, and what follows: every rule Python applies, in one table.
 
 Each row is a cause, what ended the start, and what follows from it: the action the batch
-script carries out (rundir.write_decision: finished, requeue, wait for Slurm, or fail), the
+script carries out (rundir.write_decision: finished; relaunch, the training step again in
+the same allocation; requeue; wait for Slurm; or fail), the
 start's exit status, and whether a start that ends so without a new checkpoint counts
 toward the progress budget (--max-stalled-starts, checkpoints.check_progress). That is the
 one restart budget: a time-limit start counts too where it saved nothing new (a time limit
@@ -15,7 +16,9 @@ facts or no Python process is left to apply them: a step that ended with no deci
 rank killed before rank 0 wrote one) goes by its exit status, REQUEUE_EXIT meaning saved;
 and after a SIGTERM, Slurm's own view (is it ending the job; does the partition's
 PreemptMode requeue it), which scontrol gives the host and not a container, decides between
-waiting for Slurm and requeueing now.
+waiting for Slurm and requeueing now. And for a relaunch, where: which of the allocation's
+nodes still answer (a lost node cannot say so), and whether enough are left
+(SPARE_NODES, MIN_NODES), else the job goes back through the queue.
 """
 
 from __future__ import annotations
@@ -79,17 +82,20 @@ RULES: dict[str, Rule] = {
         "a SIGTERM, and a rank that made no progress since: no save; Slurm decides",
     ),
     "hang": Rule(
-        "requeue",
+        "relaunch",
         HANG_EXIT,
         True,
         "a rank made no progress for its learned timeout: a healthy rank saved the last "
-        "completed step where it could; another start may well not meet it",
+        "completed step where it could; the script starts the step again in the allocation, "
+        "without the hung rank's node where enough nodes are left (else it requeues)",
     ),
     "peer-lost": Rule(
-        "requeue",
+        "relaunch",
         ERROR_EXIT,
         True,
-        "a collective failed (a peer or the network): another start may well not meet it",
+        "a collective failed because a peer is gone (a rank killed or crashed, a node lost, "
+        "the network cut): a healthy rank saved the last completed step where it could; the "
+        "script starts the step again in the allocation on the nodes that answer",
     ),
     "error": Rule(
         "fail",
@@ -101,6 +107,28 @@ RULES: dict[str, Rule] = {
 
 # The errors torch.distributed raises when a peer or the network failed.
 PEER_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
+# What gloo, NCCL and c10d's store say, in a RuntimeError or one of PEER_ERRORS, when a peer
+# is gone: its process died (the kernel resets or closes its connections), its node or the
+# network went (a timeout), or NCCL's watchdog aborted the communicator.
+PEER_MESSAGES = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "connection refused",
+    "broken pipe",
+    "read error",  # gloo: "Read error [10.77.0.12]:36485: Connection reset by peer"
+    "write error",
+    "socket timeout",
+    "timed out",  # gloo "Timed out waiting ...ms for recv operation", c10d store timeouts
+    "no route to host",
+    "gloo connectfullmesh failed",
+    "nccl communicator was aborted",
+    "ncclremoteerror",
+    "remote process exited or there was a network error",
+    "ncclsystemerror",
+    "nccl error",  # "NCCL error in: ..., unhandled system error"
+    "watchdog caught collective operation timeout",
+    "process group watchdog",
+)
 
 
 def decide(cause: str) -> Rule:
@@ -109,8 +137,21 @@ def decide(cause: str) -> Rule:
 
 
 def cause_of_error(error: BaseException) -> str:
-    """peer-lost for an error of a collective, error for anything else."""
-    return "peer-lost" if type(error).__name__ in PEER_ERRORS else "error"
+    """peer-lost for an error that says a peer or the network is gone (one of PEER_ERRORS,
+    or a RuntimeError in words of PEER_MESSAGES, anywhere in its chain of causes), error for
+    anything else: ours, a bad option, bad data, which another start would meet again."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in PEER_ERRORS:
+            return "peer-lost"
+        if isinstance(current, RuntimeError):
+            text = str(current).lower()
+            if any(words in text for words in PEER_MESSAGES):
+                return "peer-lost"
+        current = current.__cause__ or current.__context__
+    return "error"
 
 
 def cause_of_stop(requeue: bool, time_up: bool = False, stuck: bool = False) -> str:

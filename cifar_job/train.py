@@ -38,10 +38,11 @@ from cifar_job.slurm import (
     launch_rank,
     loader_workers,
     node_name,
-    restart_count,
+    relaunch_count,
     running_image,
     size_threads,
     start_id,
+    start_number,
     under_slurm,
 )
 from cifar_job.trainer import build_trainer, end_process_group
@@ -90,7 +91,7 @@ def train_and_record(
         rank=launch_rank(),
         node=node_name(),
         start_key=start_id(),
-        start_number=restart_count() + 1,
+        start_number=start_number(),
         under_slurm=under_slurm(),
         fault=os.environ.get(FAULT_VAR, ""),
     )
@@ -152,6 +153,7 @@ def fit_and_test(
             step=resume_step,
             node=node_name(),
             nodes=trainer.num_nodes,
+            relaunch=relaunch_count(),  # a start inside the same allocation, after a fault
             process=round(events.process_started(), 3),
             allocated=allocation_started(),
             reached=events.read_reached(run_dir),  # the newest earlier start's last step
@@ -239,6 +241,8 @@ def record_end(
     event log, for the next start's budget; in the decision that the batch script carries
     out (a stop's own is the save's, written as it saved); and on the tracking server."""
     if rank_zero_only.rank != 0:
+        if cause == "error":  # its own failure, which the others see as a lost peer
+            checkpoints.write_marker(run_dir, "fail", reason=reason, message=message)
         return
     events.record(run_dir, "end", job=job_id(), reason=reason, cause=cause, message=message)
     if reason != "stopped":
@@ -303,6 +307,7 @@ def record_start(
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "job_id": job_id(),
+            "relaunch": relaunch_count(),  # > 0: started again inside the job's allocation
             "host": socket.gethostname(),
             "python": sys.executable,
             "image": running_image(),

@@ -81,11 +81,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 # A fault to inject, for fire drills and tests: KIND:STEP[:RANK[:START]], KIND being stop
-# (the rank stops itself with SIGSTOP, as a stalled node would) or hang (its main thread
-# never returns, as in a stuck collective), in the backward pass of the step after STEP, on
-# rank RANK (default 0), in the START-th start of the job (Slurm's restart count + 1;
-# default every start). A resumed start at STEP meets it again.
+# (the rank stops itself with SIGSTOP, as a stalled node would), hang (its main thread
+# never returns, as in a stuck collective) or kill (SIGKILL, as the OOM killer or a segfault
+# would), in the backward pass of the step after STEP, on rank RANK (default 0), in the
+# START-th start of the job (default every start; Where.start_number counts requeues and
+# relaunches in the allocation). A resumed start at STEP meets it again.
 FAULT_VAR = "CIFAR_JOB_FAULT"
+FAULT_KINDS = ("stop", "hang", "kill")
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ class Watchdog(Callback):
     def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
         # Mid-step, its forward pass done: where a stalled node most often stops a rank.
         if self.fault and self.fault[1:] == (trainer.global_step, trainer.global_rank, True):
-            inject(self.fault[0], trainer.global_step, trainer.global_rank)
+            inject(self.fault[0], trainer.global_step, trainer.global_rank, self.run_dir)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.progress("eval-start")
@@ -277,6 +279,14 @@ class Watchdog(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.progress("setup")  # fit's teardown, then test's set-up and loading the best
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Before Lightning tears the trainer down: a healthy rank still holds the last step.
+        if isinstance(exception, Exception) and stops.cause_of_error(exception) == "peer-lost":
+            said = f"{type(exception).__name__}: {exception}".splitlines()[0]
+            self.end_peer_lost(said if len(said) <= 160 else said[:159] + "…")
 
     def on_save_checkpoint(self, trainer: L.Trainer, *args: Any) -> None:
         if threading.current_thread() is threading.main_thread():  # not the hang's save
@@ -440,6 +450,7 @@ class Watchdog(Callback):
                 signal="hang",
                 saved=saved is not None,
                 exclude=",".join(exclude) or None,
+                lost=",".join(sorted({b["node"] for b in culprits})),  # not in a relaunch
             )
             write_json(self.run.hang_record, record)
         except OSError:
@@ -458,6 +469,50 @@ class Watchdog(Callback):
             HANG_EXIT,
             f"hang: {named}; rank {self.rank} on {me['node']} saw no progress for {idle:.0f} s "
             f"(bound {bound:.0f} s). Ending this start; {then} ({self.run.hang_record})",
+        )
+
+    def end_peer_lost(self, error: str) -> None:
+        """A collective failed because a peer is gone (stops.cause_of_error): as after a hang,
+        the first healthy rank saves the last completed step if it still holds it and
+        records the decision (relaunch), and every rank ends at once; its process group is
+        broken, and tearing it down may block."""
+        rule = stops.decide("peer-lost")
+        if not self._claim():
+            deadline = time.monotonic() + HANG_SAVE_BUDGET_S + 3 * self.poll_s
+            while time.monotonic() < deadline and not self.run.decision_env.exists():
+                time.sleep(0.2)
+            self._exit(rule.exit_code, f"rank {self.rank}: a peer is lost ({error})")
+        saved = self.save_last_step()
+        step = self.step if saved is None else saved
+        try:
+            decision = json.loads(self.run.decision.read_text())
+        except (OSError, ValueError):
+            decision = {}
+        if decision.get("action") == "fail":
+            # A rank failed on its own (its error, not a lost peer), and said so first: the
+            # others' errors follow from it, and another start would meet it again.
+            self._exit(rule.exit_code, f"rank {self.rank}: a peer failed ({error})")
+        try:
+            checkpoints.write_marker(
+                self.run_dir,
+                rule.action,
+                step=step,
+                signal="peer-lost",
+                saved=saved is not None,
+                message=error,
+            )
+        except OSError:
+            pass
+        events.record(self.run_dir, "peer-lost", step=self.step, error=error, saved=saved)
+        then = (
+            f"saved step {saved}, the last completed one"
+            if saved is not None
+            else "the newest checkpoint stands"
+        )
+        self._exit(
+            rule.exit_code,
+            f"a peer is lost: rank {self.rank} on {self.where.node} saw {error!r} after step "
+            f"{self.step}. Ending this start; {then}",
         )
 
     def _claim(self) -> bool:
@@ -627,14 +682,22 @@ def parse_fault(spec: str, this_start: int = 1) -> tuple[str, int, int, bool] | 
         start = int(parts[3]) if len(parts) > 3 else None
     except (IndexError, ValueError):
         kind = ""
-    if kind not in ("stop", "hang"):
-        raise ValueError(f"{FAULT_VAR}={spec!r}: use stop:STEP[:RANK[:START]] or hang:STEP[...]")
+    if kind not in FAULT_KINDS:
+        raise ValueError(
+            f"{FAULT_VAR}={spec!r}: use KIND:STEP[:RANK[:START]], KIND one of "
+            + ", ".join(FAULT_KINDS)
+        )
     return kind, step, rank, start in (None, this_start)
 
 
-def inject(kind: str, step: int, rank: int) -> None:
-    """Fail as FAULT_VAR asked: stop this process, or never return."""
-    print(f"cifar-job: {FAULT_VAR}: rank {rank} {kind}s after step {step}", flush=True)
+def inject(kind: str, step: int, rank: int, run_dir: Path | None = None) -> None:
+    """Fail as FAULT_VAR asked: stop this process, kill it, or never return."""
+    does = {"stop": "stops", "hang": "hangs", "kill": "is killed"}[kind]
+    print(f"cifar-job: {FAULT_VAR}: rank {rank} {does} after step {step}", flush=True)
+    if kind == "kill":  # as the OOM killer or a segfault would: no word, no save
+        if run_dir is not None:  # when, for the seconds to recover (tests, bench/faults.py)
+            events.record(run_dir, "fault", kind=kind, rank=rank, step=step)
+        os.kill(os.getpid(), signal.SIGKILL)
     if kind == "stop":
         os.kill(os.getpid(), signal.SIGSTOP)
         return  # continued: on into the next collective, as a stalled node that came back

@@ -4,6 +4,12 @@
 #   sbatch slurm/ddp_multinode.sh                          # from the cifar-job checkout
 #   sbatch --time=2:00:00 --partition=gpu slurm/ddp_multinode.sh --max-epochs 100 --arch resnet50
 #   RUN_DIR=runs/r34 sbatch slurm/ddp_multinode.sh          # resume (or extend) an earlier run
+#   SPARE_NODES=1 sbatch --nodes=3 slurm/ddp_multinode.sh   # train on 2, one spare
+#
+# A crashed rank, a hang or a lost node costs seconds: the step starts again in this
+# allocation, without a lost node (a spare takes its place; MIN_NODES lets it go on with
+# fewer). --no-kill keeps the allocation when a node fails; losing the node this script
+# runs on still ends it, and Slurm requeues the job.
 #
 # Scheduler settings: override with sbatch flags (--partition, --account, --time, ...) or
 # SBATCH_* variables. Arguments after the script go to `cifar-job train`. Devices and nodes
@@ -16,6 +22,7 @@
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@180
 #SBATCH --requeue
+#SBATCH --no-kill
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 # --signal: 180 s before the limit (Slurm may send it up to 60 s early) to this script, which
@@ -28,6 +35,8 @@ RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}} # same across requeue
 ACCELERATOR=${ACCELERATOR:-gpu}                            # cpu: same job over gloo
 CIFAR_JOB=${CIFAR_JOB:-cifar-job}                          # command, e.g. .venv/bin/cifar-job
 CIFAR_JOB_HOME=${CIFAR_JOB_HOME:-${SLURM_SUBMIT_DIR}}      # the checkout holding slurm/
+export SPARE_NODES=${SPARE_NODES:-0}                       # of --nodes, kept for lost ones
+export MIN_NODES=${MIN_NODES:-$((SLURM_JOB_NUM_NODES - SPARE_NODES))} # fewest to go on with
 # ----
 
 source "${CIFAR_JOB_HOME}/slurm/requeue.sh" || {

@@ -290,11 +290,12 @@ def ledger(run_dir: Path, *extra: str) -> dict:
 
 def sacct_allocations(job: str) -> list[tuple[float, float, int]]:
     """The job's allocations as Slurm's accounting has them, oldest first: (start, end,
-    nodes). Waits until the last one's end has reached the database."""
+    nodes), a RESIZING record (a --no-kill job that lost a node) joined to the one after it
+    with the nodes it began with. Waits until the last one's end has reached the database."""
     deadline = time.monotonic() + 30
     while True:
         out = subprocess.run(
-            ["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", "Start,End,NNodes"],
+            ["sacct", "-j", job, "--duplicates", "-X", "-n", "-P", "-o", "Start,End,NNodes,State"],
             capture_output=True,
             text=True,
         )
@@ -307,7 +308,15 @@ def sacct_allocations(job: str) -> list[tuple[float, float, int]]:
     def seconds(text: str) -> float:
         return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
 
-    return sorted((seconds(a), seconds(b), int(n)) for a, b, n in rows)
+    found: list[tuple[float, float, int]] = []
+    resizing = False
+    for a, b, n, state in sorted(rows):
+        if resizing and found[-1][1] == seconds(a):  # the same allocation, after a lost node
+            found[-1] = (found[-1][0], seconds(b), found[-1][2])
+        else:
+            found.append((seconds(a), seconds(b), int(n)))
+        resizing = state == "RESIZING"
+    return found
 
 
 def assert_ledger_agrees_with_sacct(run_dir: Path, job: str) -> dict:
@@ -347,3 +356,21 @@ def tcp_peers(pid: int) -> set[tuple[str, str]]:
         if fields[3] == "01":  # ESTABLISHED
             peers.add((address(fields[1]), address(fields[2])))
     return peers
+
+
+def task_pid(job: str, rank: int) -> int:
+    """The process of one training rank of a job, found by the variables Slurm gave it."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            f"SLURM_JOB_ID={job}".encode() in env
+            and f"SLURM_PROCID={rank}".encode() in env
+            and b"train" in cmdline
+            and b"srun" not in cmdline
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} of job {job} is running")

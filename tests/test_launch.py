@@ -237,3 +237,18 @@ def test_a_tasks_threads_and_loader_workers_follow_the_cpus_slurm_gave_it(
         assert shared == str(workers)
     else:  # the node's CPUs shared among its 2 ranks, less one each
         assert shared == str(max(len(os.sched_getaffinity(0)) // 2 - 1, 1))
+
+
+def test_submit_with_spare_nodes_asks_for_them_and_trains_on_nodes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["submit", "--dry-run", "--nodes", "2", "--spare-nodes", "1", "--min-nodes", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "#SBATCH --nodes=3" in lines and "#SBATCH --no-kill" in lines
+    assert "export SPARE_NODES=1" in lines and "export MIN_NODES=1" in lines
+    # submitit's srun line is requeue.sh's step: started again in the allocation after a fault.
+    assert 'srun() { cifar_job_step "$@"; }' in lines
+
+    wrong = CliRunner().invoke(main, ["submit", "--dry-run", "--nodes", "2", "--min-nodes", "3"])
+    assert wrong.exit_code == 2 and "--min-nodes 3 is more than --nodes 2" in wrong.output

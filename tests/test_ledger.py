@@ -136,3 +136,30 @@ def test_damaged_or_missing_records_are_unaccounted_never_a_crash(tmp_path):
     assert out.returncode == 0 and "no start recorded yet" in out.stdout, out.stderr
     missing = cifar_job("hours", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_relaunch_in_the_allocation_is_a_start_without_a_queue_wait(tmp_path):
+    """A start that the batch script relaunched inside its allocation after a fault: its own
+    start in the ledger, beginning where the fault ended the one before, with the time from
+    the fault to training again in a category of its own and no queue wait."""
+    t = 1_800_000_000.0
+    reached = {"step": 12, "time": t + 19.5}
+    for fields in [
+        dict(event="start", job="5", step=None, nodes=2, process=t - 10, allocated=t - 12),
+        dict(event="train", step=0, time=t + 1),
+        dict(event="peer-lost", step=12, time=t + 20),
+        dict(event="start", job="5", step=12, nodes=2, process=t + 22, relaunch=1, reached=reached),
+        dict(event="train", step=12, time=t + 31),
+        dict(event="fit_end", step=40, time=t + 60),
+        dict(event="end", reason="finished", time=t + 61),
+    ]:
+        fields.setdefault("time", fields.get("process", t) + 7)
+        with open(tmp_path / "events.jsonl", "a") as f:
+            f.write(json.dumps(fields) + "\n")
+    found = hours(tmp_path, use_sacct=False)
+    first, second = found["starts"]
+    assert first["node_seconds_total"] == pytest.approx(2 * (20 - -12))  # to the fault
+    assert second["node_seconds"]["recovery"] == pytest.approx(2 * 11)  # the fault to training
+    assert second["node_seconds"]["queue"] == 0 and second["node_seconds"]["startup"] == 0
+    assert second["recomputed_steps"] == 0
+    assert any("relaunch 1 in the allocation" in note for note in second["notes"])

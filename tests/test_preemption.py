@@ -7,6 +7,7 @@ runs are the templates' own tests too (one trained run each, shared)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,12 +36,14 @@ from slurmjobs import (
     ckpt_step,
     job_state,
     last_step_of_start,
+    ledger,
     preempt,
     resumed_steps,
     run_as_user,
     saved_steps,
     sbatch,
     seconds_to_start,
+    task_pid,
     wait_done,
     wait_for_step,
     wait_for_text,
@@ -225,27 +228,14 @@ def test_admin_requeue_then_cancel_resume_to_identical_weights(reference, tmp_pa
     assert_same_weights(run_dir, reference)
 
 
-def task_pid(job: str, rank: int) -> int:
-    """The process of one training rank of a job, found by the variables Slurm gave it."""
-    for proc in Path("/proc").iterdir():
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            f"SLURM_JOB_ID={job}".encode() in env
-            and f"SLURM_PROCID={rank}".encode() in env
-            and b"train" in cmdline
-            and b"srun" not in cmdline
-        ):
-            return int(proc.name)
-    raise AssertionError(f"no rank {rank} of job {job} is running")
-
-
-def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
+def test_a_node_slurm_marks_down_with_none_to_take_its_place_requeues_the_job(
     reference_two_nodes, tmp_path
 ):
+    """Slurm itself sees the node fail (an admin, or SlurmdTimeout, marks it DOWN): it kills
+    the step's tasks on every node, so nobody saves, and without a spare or MIN_NODES the
+    step cannot start again in the allocation: the job goes back through the queue and
+    resumes from the newest periodic save (tests/test_relaunch.py: a node lost before Slurm
+    notices, with a spare and with MIN_NODES)."""
     run_dir = tmp_path / "run"
     every = ["--checkpoint-every", "0.05"]  # 3 s of training
     job = sbatch(*TWO_NODES, MULTINODE, *RUN, *every, cwd=tmp_path, RUN_DIR=str(run_dir))
@@ -259,8 +249,10 @@ def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
     try:
         # n2 dies: Slurm marks it DOWN, and its rank is gone before it can save anything.
         last_saved = ckpt_step(run_dir)  # the newest checkpoint when the node is lost
+        rank_1 = task_pid(job, rank=1)
         subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=test"])
-        os.kill(task_pid(job, rank=1), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # Slurm may have ended it already
+            os.kill(rank_1, signal.SIGKILL)
         reached = max(int(s) for s in re.findall(r" step (\d+)/", log.read_text()))
         deadline = time.monotonic() + 60
         while job_state(job) == "RUNNING" and time.monotonic() < deadline:
@@ -278,7 +270,10 @@ def test_lost_node_requeues_and_loses_only_the_steps_since_the_periodic_save(
     assert starts[1] % STEPS_PER_EPOCH, starts  # mid-epoch: not an epoch-end checkpoint
     print(f"lost node: reached step {reached}, resumed from {starts[1]}")
     # The ledger counts exactly the steps between the last save and the loss as trained again.
-    found = assert_ledger_agrees_with_sacct(run_dir, job)
+    # (Not against sacct: Slurm 22.05 records a --no-kill job that lost a node and was then
+    # requeued as one RESIZING record and one more, without the requeue's.)
+    assert "requeueing job" in log.read_text()
+    found = ledger(run_dir)
     lost = last_step_of_start(log.read_text(), 1) - starts[1]
     assert [s["recomputed_steps"] for s in found["starts"]] == [0, lost], found["starts"]
     assert ckpt_step(run_dir) == TOTAL

@@ -22,10 +22,32 @@ RUNNING = "JobId=7 JobState=RUNNING Reason=None PreemptTime=None ExcNodeList=(nu
 PREEMPTED = "JobId=7 JobState=RUNNING Reason=None PreemptTime=2026-12-01T10:00:00"
 
 
+# srun as the script uses it: a probe (`srun ... --nodelist=NODE ... true`) succeeds for the
+# nodes listed in $STUB/answering; anything else runs the command after srun's options.
+SRUN = """#!/bin/sh
+echo "srun $*" >> "$STUB/calls"
+nodes=""
+while [ $# -gt 0 ]; do
+  case "$1" in --nodelist=*) nodes=${1#--nodelist=} ;; --*) ;; *) break ;; esac
+  shift
+done
+if [ "$1" = true ]; then grep -qx "$nodes" "$STUB/answering"; exit $?; fi
+exec "$@"
+"""
+
+
 class Job:
     """A batch job that sources requeue.sh and runs one step, with Slurm stood in for."""
 
-    def __init__(self, tmp: Path, state: str = RUNNING, preempt_mode: str = "CANCEL") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        state: str = RUNNING,
+        preempt_mode: str = "CANCEL",
+        nodes: str = "n1",
+        answering: str | None = None,
+        **env: str,
+    ) -> None:
         self.tmp, self.run_dir = tmp, tmp / "run"
         self.run_dir.mkdir()
         stubs = tmp / "bin"
@@ -35,9 +57,13 @@ class Job:
                 f'#!/bin/sh\necho "{tool} $*" >> "$STUB/calls"\n'
                 f'[ "{tool} $1 $2" = "scontrol show job" ] && cat "$STUB/job"\n'
                 f'[ "{tool} $1 $2" = "scontrol show partition" ] && cat "$STUB/partition"\n'
+                f'[ "{tool} $1 $2" = "scontrol show hostnames" ] && echo "$3" | tr , "\\n"\n'
                 "exit 0\n"
             )
             (stubs / tool).chmod(0o755)
+        (stubs / "srun").write_text(SRUN)
+        (stubs / "srun").chmod(0o755)
+        (tmp / "answering").write_text("\n".join((answering or nodes).split(",")) + "\n")
         (tmp / "job").write_text(state + "\n")
         (tmp / "partition").write_text(
             f"PartitionName=low GraceTime=30 PreemptMode={preempt_mode} State=UP\n"
@@ -48,15 +74,20 @@ class Job:
             "STUB": str(tmp),
             "RUN_DIR": str(self.run_dir),
             "SLURM_JOB_ID": "7",
-            "SLURM_JOB_NODELIST": "n1",
+            "SLURM_JOB_NODELIST": nodes,
+            "SLURM_JOB_NUM_NODES": str(len(nodes.split(","))),
+            "SLURM_NTASKS_PER_NODE": "2",
             "SLURM_JOB_PARTITION": "low",
             "CIFAR_JOB_SLURM_WINDOW": "2",
+            **env,
         }
 
-    def start(self, step: str) -> subprocess.Popen[str]:
+    def start(self, step: str, srun: bool = False) -> subprocess.Popen[str]:
+        """Run the step as the templates do (`run_requeueable srun ...`) where srun is true."""
+        launch = "srun --kill-on-bad-exit=1 " if srun else ""
         script = (
             f"set -euo pipefail\nsource {REPO}/slurm/requeue.sh\n"
-            f"run_requeueable bash -c {shlex.quote(step)}\n"
+            f"run_requeueable {launch}bash -c {shlex.quote(step)}\n"
         )
         return subprocess.Popen(
             ["bash", "-c", script],
@@ -66,8 +97,8 @@ class Job:
             text=True,
         )
 
-    def run(self, step: str) -> tuple[int, str]:
-        proc = self.start(step)
+    def run(self, step: str, srun: bool = False) -> tuple[int, str]:
+        proc = self.start(step, srun)
         out, _ = proc.communicate(timeout=60)
         return proc.returncode, out
 
@@ -89,6 +120,10 @@ class Job:
 
     def requeued(self) -> bool:
         return "scontrol requeue 7" in self.calls()
+
+    def steps(self) -> list[str]:
+        """The training steps' srun lines (not the probes)."""
+        return [c for c in self.calls() if c.startswith("srun ") and not c.endswith(" true")]
 
 
 def test_a_finished_run_ends_the_job_as_it_is(tmp_path):
@@ -235,3 +270,79 @@ def test_the_decision_the_script_reads_is_the_one_python_writes(tmp_path):
     assert read.stdout.split() == ["requeue", "0", "n2"], read.stderr
     with pytest.raises(ValueError, match="not a value the batch script reads"):
         write_decision(tmp_path, {"action": "requeue", "exclude": "n2; rm -rf /"})
+
+
+# ----------------------------------------------------------------------------- relaunch
+# A start that ends with a fault another start would not meet again is followed by a new
+# training step in the same allocation: no `scontrol requeue`, the nodes chosen again.
+
+FIRST = '[ "$CIFAR_JOB_RELAUNCH" = 0 ]'  # the step's first launch in this allocation
+
+
+def relaunch_once(job: Job, **decision: object) -> str:
+    """A step that ends with a relaunch decision on its first launch, and finishes next."""
+    return f"if {FIRST}; then {job.marker('relaunch', saved=True, step=20, **decision)}; exit 1; fi"
+
+
+def test_a_lost_peer_starts_the_step_again_on_the_same_nodes_without_a_requeue(tmp_path):
+    job = Job(tmp_path, nodes="n1,n2")
+    rc, out = job.run(relaunch_once(job), srun=True)
+    assert rc == 0 and not job.requeued(), out
+    first, second = job.steps()
+    assert "--nodelist" not in first  # as the template asked: the whole allocation
+    assert "--nodes=2 --nodelist=n1,n2 --ntasks=4 --ntasks-per-node=2" in second
+    assert "relaunching the training step in allocation 7 (relaunch 1" in out
+    assert (job.run_dir / "requeues.log").read_text().count("relaunch 1 nodes=n1,n2") == 1
+
+
+def test_a_spare_takes_the_place_of_the_lost_node(tmp_path):
+    job = Job(tmp_path, nodes="n1,n2,n3", answering="n1,n3", SPARE_NODES="1")
+    rc, out = job.run(relaunch_once(job, lost="n2"), srun=True)
+    assert rc == 0 and not job.requeued(), out
+    first, second = job.steps()
+    assert "--nodes=2 --nodelist=n1,n2 --ntasks=4" in first
+    assert "training on n1,n2; spare: n3" in out
+    assert "--nodes=2 --nodelist=n1,n3 --ntasks=4" in second
+    assert "without n2 (spare n3 in)" in out
+
+
+def test_with_leave_it_goes_on_with_fewer_nodes(tmp_path):
+    job = Job(tmp_path, nodes="n1,n2", answering="n1", MIN_NODES="1")
+    rc, out = job.run(relaunch_once(job), srun=True)  # n2 no longer answers
+    assert rc == 0 and not job.requeued(), out
+    assert "--nodes=1 --nodelist=n1 --ntasks=2 --ntasks-per-node=2" in job.steps()[1]
+
+
+def test_too_few_nodes_left_goes_back_through_the_queue(tmp_path):
+    job = Job(tmp_path, nodes="n1,n2", answering="n1")
+    rc, out = job.run(relaunch_once(job), srun=True)
+    assert rc == 0 and job.requeued() and len(job.steps()) == 1, out
+    assert "1 of the allocation's 2 node(s) can train" in out and "2 are needed" in out
+
+
+def test_a_rank_killed_without_a_word_is_relaunched_once_in_a_row(tmp_path):
+    job = Job(tmp_path, nodes="n1,n2")
+    rc, out = job.run("exit 137", srun=True)  # every launch: killed, no decision
+    assert len(job.steps()) == 2 and rc == 137 and not job.requeued(), out
+
+
+def test_a_node_failure_with_too_few_nodes_left_goes_back_through_the_queue(tmp_path):
+    """Slurm killed every task (a node failure in a --no-kill job): no decision, and one
+    node of two answers. Without the script, Slurm would have requeued the job itself."""
+    job = Job(tmp_path, nodes="n1,n2", answering="n1")
+    rc, out = job.run("exit 137", srun=True)
+    assert rc == 0 and job.requeued() and len(job.steps()) == 1, out
+
+
+def test_an_error_of_ours_is_never_relaunched(tmp_path):
+    job = Job(tmp_path, nodes="n1,n2")
+    rc, out = job.run(f"{job.marker('fail', step=3)}; exit 1", srun=True)
+    assert rc == 1 and len(job.steps()) == 1 and not job.requeued(), out
+    assert "no requeue" in out
+
+
+def test_a_stop_that_slurm_asked_for_is_never_relaunched(tmp_path):
+    job = Job(tmp_path, state=PREEMPTED, preempt_mode="REQUEUE", nodes="n1,n2")
+    step = f"{job.marker('relaunch', saved=True, step=5)}; exit 1"
+    rc, out = job.run(step, srun=True)  # Slurm is preempting the job meanwhile
+    assert len(job.steps()) == 1 and job.requeued(), out

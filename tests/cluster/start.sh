@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a real two-node Slurm cluster on this one machine, for the tests marked `slurm`:
-# Debian's slurmctld, two slurmd "nodes" (n1, n2), munge, 4 fake GPUs per node so that
+# Debian's slurmctld, three slurmd "nodes" (n1, n2, and n3, a spare that only the "spare"
+# partition uses), munge, 4 fake GPUs per node so that
 # --gpus-per-node and --gres schedule (torch still sees none and uses gloo), and accounting
 # as sites keep it: slurmdbd on a MariaDB database, which `sacct` reads.
 # Each node is a network namespace of its own, with its own address and host name on a
@@ -43,7 +44,7 @@ BRIDGE=cifarjob0
 ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
 ip addr show dev "$BRIDGE" | grep -q "inet $NET.1/24" || ip addr add "$NET.1/24" dev "$BRIDGE"
 ip link set "$BRIDGE" up
-for i in 1 2; do
+for i in 1 2 3; do
   ns=cifar-job-n$i
   ip netns list | grep -qw "$ns" || ip netns add "$ns"
   # Checked from inside: a namespace deleted a moment ago (wipe.sh) can leave its host end,
@@ -103,6 +104,7 @@ KillWait=5
 MpiDefault=none
 NodeName=n1 NodeHostname=n1 NodeAddr=$NET.11 Port=17001 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
 NodeName=n2 NodeHostname=n2 NodeAddr=$NET.12 Port=17002 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
+NodeName=n3 NodeHostname=n3 NodeAddr=$NET.13 Port=17003 CPUs=$CPUS_PER_NODE RealMemory=8000 Gres=gpu:fake:4 State=UNKNOWN
 # Preemption as production clusters set it up: a job in "high" preempts one in "low", which
 # gets SIGTERM (not its --signal) and SIGKILL after GraceTime, and Slurm requeues it.
 # "debug", the default, is never preempted.
@@ -112,12 +114,14 @@ JobRequeue=1
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
 PartitionName=low Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
 PartitionName=high Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+# Spare nodes (tests/test_relaunch.py): n3 only here, so the partitions above keep two nodes.
+PartitionName=spare Nodes=n1,n2,n3 MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
 CONF
 chmod 644 "$conf"  # every user's sbatch and srun read it (mktemp made it 0600)
 [ ! -e /etc/slurm/slurm.conf ] || chmod 644 /etc/slurm/slurm.conf
 # A running cluster with this very configuration is left as it is; any change restarts it.
 # Both nodes answer: idle, or running jobs (a "*" suffix would say a node does not respond).
-nodes_up() { [ "$(sinfo -h -N -p debug -o %T 2>/dev/null | grep -cxE 'idle|mixed|allocated|completing')" = 2 ]; }
+nodes_up() { [ "$(sinfo -h -N -p spare -o %T 2>/dev/null | grep -cxE 'idle|mixed|allocated|completing')" = 3 ]; }
 if cmp -s "$conf" /etc/slurm/slurm.conf && nodes_up && pgrep -x slurmdbd >/dev/null; then
   rm -f "$conf"; echo "slurm: already running"; exit 0
 fi
@@ -165,7 +169,7 @@ PidFile=/run/slurmdbd.pid
 CONF
 cat > /etc/slurm/gres.conf <<CONF
 AutoDetect=off
-NodeName=n[1-2] Name=gpu Type=fake File=/dev/fakegpu[0-3]
+NodeName=n[1-3] Name=gpu Type=fake File=/dev/fakegpu[0-3]
 CONF
 
 [ -s /etc/munge/munge.key ] || { dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
@@ -175,12 +179,8 @@ slurmdbd
 for _ in $(seq 60); do sacctmgr -n show cluster >/dev/null 2>&1 && break; sleep 0.25; done
 sacctmgr -i add cluster cifarjob >/dev/null
 pgrep -x slurmctld >/dev/null || slurmctld
-start_node() {  # NODE [hwloc topology XML]
-  # In the node's network namespace, with its host name: its jobs see that node alone.
-  # (nsenter, not `ip netns exec`, which mounts a /sys without the cgroup tree slurmd needs.)
-  pgrep -f "slurmd -N $1" >/dev/null ||
-    nsenter --net="/run/netns/cifar-job-$1" unshare --uts \
-      env ${2:+HWLOC_XMLFILE=$2 HWLOC_THISSYSTEM=1} sh -c "hostname $1 && exec slurmd -N $1"
+start_node() {  # NODE: tests/cluster/node.sh, which n2's and n3's topology reaches
+  CIFAR_JOB_SLURM_STATE="$STATE" "$(dirname "$0")/node.sh" up "$1"
 }
 start_node n1
 # n2 reads the topology n1 found (slurmd writes it at start) with its CPUs numbered the
@@ -194,17 +194,17 @@ if grep -qs '</topology>' "$topology"; then
                    next }
        /type="PU" os_index="/ { sub(/os_index="[0-9]+"/, "os_index=\"" ids[--n] "\"") } 1' \
     "$topology" "$topology" > "$STATE/n2-topology.xml"
-  start_node n2 "$STATE/n2-topology.xml"
 else  # a slurmd without hwloc writes none: n2 numbers its cores as n1 does
   echo "slurm: no topology from n1 ($topology): 2-node jobs share their nodes' first cores" >&2
-  start_node n2
 fi
+start_node n2
+start_node n3  # numbered as n2: a spare that takes n2's place keeps the job's layout
 
 for _ in $(seq 60); do
   if nodes_up; then
-    echo "slurm: 2 nodes up"; exit 0
+    echo "slurm: 3 nodes up"; exit 0
   fi
-  scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true
+  scontrol update nodename=n1,n2,n3 state=resume >/dev/null 2>&1 || true
   sleep 0.5
 done
 echo "slurm: nodes did not come up; see $STATE/log/" >&2
