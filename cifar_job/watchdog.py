@@ -82,12 +82,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # A fault to inject, for fire drills and tests: KIND:STEP[:RANK[:START]], KIND being stop
 # (the rank stops itself with SIGSTOP, as a stalled node would), hang (its main thread
-# never returns, as in a stuck collective) or kill (SIGKILL, as the OOM killer or a segfault
-# would), in the backward pass of the step after STEP, on rank RANK (default 0), in the
+# never returns, as in a stuck collective), kill (SIGKILL, as the OOM killer or a segfault
+# would) or error (a Python error of ours, which another start would meet again), in the
+# backward pass of the step after STEP, on rank RANK (default 0), in the
 # START-th start of the job (default every start; Where.start_number counts requeues and
 # relaunches in the allocation). A resumed start at STEP meets it again.
 FAULT_VAR = "CIFAR_JOB_FAULT"
-FAULT_KINDS = ("stop", "hang", "kill")
+FAULT_KINDS = ("stop", "hang", "kill", "error")
 
 
 @dataclass(frozen=True)
@@ -692,8 +693,10 @@ def parse_fault(spec: str, this_start: int = 1) -> tuple[str, int, int, bool] | 
 
 def inject(kind: str, step: int, rank: int, run_dir: Path | None = None) -> None:
     """Fail as FAULT_VAR asked: stop this process, kill it, or never return."""
-    does = {"stop": "stops", "hang": "hangs", "kill": "is killed"}[kind]
+    does = {"stop": "stops", "hang": "hangs", "kill": "is killed", "error": "fails"}[kind]
     print(f"cifar-job: {FAULT_VAR}: rank {rank} {does} after step {step}", flush=True)
+    if kind == "error":
+        raise ValueError(f"{FAULT_VAR}: a bug of ours on rank {rank}")
     if kind == "kill":  # as the OOM killer or a segfault would: no word, no save
         if run_dir is not None:  # when, for the seconds to recover (tests, bench/faults.py)
             events.record(run_dir, "fault", kind=kind, rank=rank, step=step)

@@ -118,6 +118,27 @@ def test_a_crash_that_comes_back_at_the_same_step_stops_after_the_budget(tmp_pat
     assert_no_rank_left(run_dir)
 
 
+def test_an_error_of_ours_on_one_rank_is_never_relaunched(tmp_path):
+    """Rank 1 fails with a Python error (a bug); rank 0 then sees its peer go. The job fails
+    once, saying so, and is neither relaunched nor requeued."""
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        *TWO_NODES,
+        MULTINODE,
+        *RUN,
+        cwd=tmp_path,
+        RUN_DIR=str(run_dir),
+        CIFAR_JOB_FAULT="error:5:1",
+    )
+    assert wait_done(job, timeout=300) == "FAILED"
+    text = (tmp_path / f"slurm-cifar-job-{job}.out").read_text()
+    assert "a bug of ours on rank 1" in text, text[-3000:]
+    assert "relaunching" not in text and "requeueing" not in text, text[-3000:]
+    assert "another start would meet again; no requeue" in text
+    assert restarts(job) == 0 and resumed_steps(run_dir) == [None]
+    assert_no_rank_left(run_dir)
+
+
 def test_submit_two_nodes_recovers_a_killed_rank_the_same_way(reference_two_nodes, tmp_path):
     run_dir = tmp_path / "run"
     result = run_as_user(
@@ -202,6 +223,7 @@ def test_a_lost_node_is_replaced_by_a_spare_in_the_allocation(
     assert took < 15 + 60, took  # the hang's bound (--hang-timeout 15), then the relaunch
     assert ckpt_step(run_dir) == TOTAL and reached > 0
     assert_same_weights(run_dir, reference_two_nodes)  # 2 ranks, as before the loss
+    assert_no_rank_left(run_dir)
 
 
 def test_with_min_nodes_a_lost_node_leaves_the_job_on_the_nodes_it_has(
@@ -215,3 +237,4 @@ def test_with_min_nodes_a_lost_node_leaves_the_job_on_the_nodes_it_has(
     ours = json.loads((run_dir / "results.json").read_text())["test/acc"]
     theirs = json.loads((reference_two_nodes.run_dir / "results.json").read_text())["test/acc"]
     assert abs(ours - theirs) < 0.1, (ours, theirs)
+    assert_no_rank_left(run_dir)

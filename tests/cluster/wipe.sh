@@ -35,7 +35,7 @@ if mysqladmin ping >/dev/null 2>&1; then mysql -e "DROP DATABASE IF EXISTS cifar
 stop squashfuse
 unmount_under "$ENROOT_STATE"
 rm -rf "$SLURM_STATE" "$ENROOT_STATE" /var/spool/slurmd
-for n in n1 n2; do ip netns del "cifar-job-$n" 2>/dev/null || true; done
+for n in n1 n2 n3; do ip netns del "cifar-job-$n" 2>/dev/null || true; done
 ip link del cifarjob0 2>/dev/null || true
 iptables -D FORWARD -i cifarjob0 -o cifarjob0 -j ACCEPT 2>/dev/null || true
 rm -f /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf /etc/slurm/gres.conf /etc/slurm/plugstack.conf.d/pyxis.conf
