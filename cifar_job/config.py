@@ -158,8 +158,9 @@ class TrainConfig:
     # --- failures nobody announces (watchdog.py)
     hang_timeout: float = _opt(
         0.0,
-        "Seconds without progress after which a rank counts as hung; the start then ends so "
-        "that the job requeues (0: learned, 10x the slowest recent step, at least 30 s).",
+        "Seconds without progress after which a rank counts as hung; the start then ends, "
+        "and the job starts again in its allocation or requeues (0: learned, 10x the "
+        "slowest recent step, at least 30 s).",
         resume=FREE,
     )
     exclude_hung_node: bool = _opt(
