@@ -47,6 +47,23 @@ def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def one_epoch(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run trained for one epoch, trained once: each test that trains on from it gets its
+    own copy (a copied run directory uses its own checkpoints: tested below)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "one-epoch"
+    result = train(data_dir, run_dir, "--max-epochs", "1")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def copy_of(run_dir: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    return to
+
+
 @pytest.mark.slow
 def test_train_writes_a_complete_run_directory(trained):
     results = json.loads((trained / "results.json").read_text())
@@ -157,10 +174,8 @@ def test_finished_run_rerun_does_nothing(trained, data_dir):
 
 
 @pytest.mark.slow
-def test_stopped_run_resumes_at_the_next_epoch(data_dir, tmp_path):
-    run_dir = tmp_path / "resume"
-    first = train(data_dir, run_dir, "--max-epochs", "1")
-    assert first.returncode == 0, first.stderr
+def test_stopped_run_resumes_at_the_next_epoch(data_dir, one_epoch, tmp_path):
+    run_dir = copy_of(one_epoch, tmp_path / "resume")
     after_one = load(run_dir / "last.ckpt")
     assert after_one["epoch"] == 0 and after_one["global_step"] == STEPS_PER_EPOCH
 
@@ -190,13 +205,9 @@ def test_stopped_run_resumes_at_the_next_epoch(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_moved_or_copied_run_directory_uses_its_own_checkpoints(data_dir, tmp_path):
-    import shutil
-
-    first = tmp_path / "first"
-    assert train(data_dir, first, "--max-epochs", "1").returncode == 0
-    copy = tmp_path / "copy"
-    shutil.copytree(first, copy)
+def test_a_moved_or_copied_run_directory_uses_its_own_checkpoints(data_dir, one_epoch, tmp_path):
+    first = copy_of(one_epoch, tmp_path / "first")
+    copy = copy_of(first, tmp_path / "copy")
     before = {p.name: p.stat().st_mtime_ns for p in first.glob("*.ckpt")}
     moved = tmp_path / "moved"
     first.rename(moved)  # the original is gone: a stale path would point nowhere
@@ -229,9 +240,8 @@ def test_max_time_ends_each_start_with_a_checkpoint_and_a_rerun_continues(data_d
 
 
 @pytest.mark.slow
-def test_corrupt_last_checkpoint_falls_back_to_an_older_valid_one(data_dir, tmp_path):
-    run_dir = tmp_path / "corrupt"
-    assert train(data_dir, run_dir, "--max-epochs", "1").returncode == 0
+def test_corrupt_last_checkpoint_falls_back_to_an_older_valid_one(data_dir, one_epoch, tmp_path):
+    run_dir = copy_of(one_epoch, tmp_path / "corrupt")
     (run_dir / "last.ckpt").write_bytes(b"half a checkpoint")  # a kill mid-write, pre-atomic
     result = train(data_dir, run_dir, "--max-epochs", "2")
     assert result.returncode == 0, result.stderr
