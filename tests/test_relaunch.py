@@ -1,9 +1,11 @@
 """Recovery inside the allocation, on the local cluster: a rank killed (kill -9, as the OOM
-killer or a segfault would) costs seconds, not a trip through the queue. The job keeps its
-id with no requeue (Restarts=0, one allocation in Slurm's accounting), loses no step (the
-healthy rank saves the last completed one), ends with the uninterrupted run's weights, and
-leaves no process behind. A crash that comes back at the same step stops after the budget.
-All share one uninterrupted reference run (conftest.reference_two_nodes)."""
+killer or a segfault would) or a node lost for real costs seconds, not a trip through the
+queue. The job keeps its id with no requeue (Restarts=0, one allocation in Slurm's
+accounting), loses no step (the healthy rank saves the last completed one), ends with the
+uninterrupted run's weights where its ranks are the same (the same nodes, or a spare), and
+leaves no process behind. A crash that comes back at the same step stops after the budget;
+an error of ours is never relaunched. All share one uninterrupted reference run
+(conftest.reference_two_nodes)."""
 
 from __future__ import annotations
 
