@@ -103,7 +103,7 @@ image: dist ## Build the image cifar-job:<version> and cifar-job:latest
 	  --build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 	  --build-arg WHEELS=$(WHEELS) $(DOCKER_BUILD_ARGS) .
 
-cluster: ## Start the 2-node Slurm cluster the slurm tests use (needs root and apt)
+cluster: ## Start the Slurm cluster the slurm tests use (2 nodes and a spare) (needs root and apt)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then tests/cluster/start.sh; \
 	else echo "cluster: needs root and apt-get; the slurm tests will be skipped"; fi
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Starts a real two-node Slurm cluster on this one machine, for the tests marked `slurm`:
+# Starts a real Slurm cluster (two nodes, and a spare) on this one machine, for the tests marked `slurm`:
 # Debian's slurmctld, three slurmd "nodes" (n1, n2, and n3, a spare that only the "spare"
 # partition uses), munge, 4 fake GPUs per node so that
 # --gpus-per-node and --gres schedule (torch still sees none and uses gloo), and accounting
