@@ -384,7 +384,7 @@ cifar_job_wait() {
 # cifar_job_relaunchable says, each time on the nodes cifar_job_place chose. Returns the last
 # step's status. RUN_DIR/requeues.log has a line per relaunch; the job log says why.
 cifar_job_step() {
-  local fault chose pid watcher before left_out spare_in
+  local fault chose pid watcher before left_out spare_in job
   cifar_job_placement=()
   cifar_job_step_nodes=$(cifar_job_list_nodes | paste -sd, -)
   if [ "${SPARE_NODES:-0}" -gt 0 ]; then
@@ -411,7 +411,10 @@ cifar_job_step() {
     left_out=$(cifar_job_minus "$before" "$cifar_job_step_nodes")
     spare_in=$(cifar_job_minus "$cifar_job_step_nodes" "$before")
     CIFAR_JOB_RELAUNCH=$((CIFAR_JOB_RELAUNCH + 1))
-    echo "job ${SLURM_JOB_ID} $(date +%FT%T) relaunch ${CIFAR_JOB_RELAUNCH}" \
+    # The job as slurm.job_id names it (an array's task too): status matches the two.
+    job=${SLURM_JOB_ID}
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}; fi
+    echo "job ${job} $(date +%FT%T) relaunch ${CIFAR_JOB_RELAUNCH}" \
       "nodes=${cifar_job_step_nodes} left_out=${left_out:-none} spare=${spare_in:-none}" \
       >>"${RUN_DIR}/requeues.log"
     echo "cifar-job: relaunching the training step in allocation ${SLURM_JOB_ID}" \

@@ -43,44 +43,46 @@ def run_status(run: RunDir) -> dict[str, Any]:
 
 def relaunches(run: RunDir) -> list[dict[str, Any]]:
     """Each start the batch script relaunched inside its allocation after a fault: the fault
-    and its step, the nodes it went on with, those left out, the spares, and the seconds from
-    the fault to the first step trained again (events.jsonl, requeues.log)."""
+    and its step, the nodes it went on with, those left out, the spare put in, and the
+    seconds from the fault to the first step trained again (events.jsonl, and requeues.log's
+    line for it: `job J DATE relaunch N nodes=... left_out=... spare=...`, requeue.sh)."""
     from cifar_job import events
 
-    placed = {}  # relaunch number -> its line: nodes=... left_out=... spare=... (requeue.sh)
+    placed: dict[tuple[str, int], dict[str, str]] = {}  # (job, relaunch number) -> its line
     if run.requeue_log.exists():
         for line in run.requeue_log.read_text(errors="replace").splitlines():
             words = line.split()
             if len(words) > 4 and words[3] == "relaunch" and words[4].isdigit():
-                placed[int(words[4])] = dict(w.split("=", 1) for w in words[5:] if "=" in w)
+                pairs = (w.split("=", 1) for w in words[5:] if "=" in w)
+                placed[(words[1], int(words[4]))] = {k: v for k, v in pairs if v != "none"}
     found: list[dict[str, Any]] = []
-    fault: dict[str, Any] | None = None
+    fault: dict[str, Any] | None = None  # the first word of the fault that ended a start
+    waiting: tuple[dict[str, Any], float] | None = None  # a relaunch's first step to come
     for event in events.read(run.path):
         kind = event["event"]
-        if kind in ("peer-lost", "hang", "fault"):
-            fault = fault if fault and fault["event"] == "fault" else event  # the first word
+        if kind in ("fault", "peer-lost", "hang"):
+            fault = fault or event
         elif kind == "start":
+            waiting = None
             if event.get("relaunch"):
-                where = placed.get(event["relaunch"], {})
+                where = placed.get((str(event.get("job")), event["relaunch"]), {})
                 found.append(
                     {
                         "relaunch": event["relaunch"],
                         "fault": fault["event"] if fault else "a rank killed without a word",
                         "step": event.get("step"),
                         "nodes": where.get("nodes"),
-                        "left_out": where.get("left_out")
-                        if where.get("left_out") != "none"
-                        else None,
-                        "spare": where.get("spare") if where.get("spare") != "none" else None,
-                        "since": fault["time"] if fault else None,
+                        "left_out": where.get("left_out"),
+                        "spare": where.get("spare"),
+                        "seconds": None,
                     }
                 )
+                waiting = (found[-1], fault["time"]) if fault else None
             fault = None
-        elif kind == "first_step" and found and "seconds" not in found[-1]:
-            since = found[-1].pop("since")
-            found[-1]["seconds"] = round(event["time"] - since, 1) if since else None
-    for item in found:
-        item.pop("since", None)
+        elif kind == "first_step" and waiting is not None:
+            item, since = waiting
+            item["seconds"] = round(event["time"] - since, 1)
+            waiting = None
     return found
 
 

@@ -163,3 +163,45 @@ def test_a_relaunch_in_the_allocation_is_a_start_without_a_queue_wait(tmp_path):
     assert second["node_seconds"]["queue"] == 0 and second["node_seconds"]["startup"] == 0
     assert second["recomputed_steps"] == 0
     assert any("relaunch 1 in the allocation" in note for note in second["notes"])
+
+
+def test_status_tells_each_relaunch_by_its_job_and_number(tmp_path):
+    """Relaunch numbers start again in each allocation: a run requeued once has a relaunch 1
+    in each job, and `status` gives each its own fault, nodes and seconds."""
+    from cifar_job.rundir import RunDir
+    from cifar_job.status import relaunches
+
+    t = 1_800_000_000.0
+    lines = [
+        dict(event="start", job="5", time=t),
+        dict(event="peer-lost", step=12, time=t + 20),
+        dict(event="start", job="5", step=12, relaunch=1, time=t + 29),
+        dict(event="first_step", step=13, time=t + 32.5),
+        dict(event="start", job="6", step=30, time=t + 100),  # requeued: a new allocation
+        dict(event="fault", kind="kill", step=40, time=t + 120),
+        dict(event="peer-lost", step=40, time=t + 120.5),
+        dict(event="start", job="6", step=40, relaunch=1, time=t + 130),
+        dict(event="first_step", step=41, time=t + 131),
+    ]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (tmp_path / "requeues.log").write_text(
+        "job 5 2027-01-15T08:00:29 relaunch 1 nodes=n1,n3 left_out=n2 spare=n3\n"
+        "job 5 2027-01-15T08:01:00 restart 1\n"
+        "job 6 2027-01-15T08:02:10 relaunch 1 nodes=n1,n2 left_out=none spare=none\n"
+    )
+    first, second = relaunches(RunDir(tmp_path))
+    assert first == {
+        "relaunch": 1,
+        "fault": "peer-lost",
+        "step": 12,
+        "nodes": "n1,n3",
+        "left_out": "n2",
+        "spare": "n3",
+        "seconds": 12.5,
+    }
+    assert (second["fault"], second["nodes"], second["left_out"], second["seconds"]) == (
+        "fault",
+        "n1,n2",
+        None,
+        11.0,
+    )
